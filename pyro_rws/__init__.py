@@ -1,0 +1,19 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""Wake-sleep family of inference algorithms for Pyro."""
+
+from .diagnostics import EffectiveSampleSizeWarning, StepStats
+from .rws import RWS, ReweightedWakeSleep
+from .sleep_phase import SleepPhaseLoss
+from .wake_sleep import WakeSleepELBO
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RWS",
+    "EffectiveSampleSizeWarning",
+    "ReweightedWakeSleep",
+    "SleepPhaseLoss",
+    "StepStats",
+    "WakeSleepELBO",
+]

@@ -1,0 +1,266 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Per-datapoint importance weights, written once for every estimator.
+
+From traces of the wake phase this module builds ``log p(x, z^k)`` and ``log q(z^k | x)`` with
+one entry per particle ``k`` and per element of every plate that encloses *all* sample sites of
+model and guide (the "batch plates", usually the data plate). Plates nested inside are summed.
+Sites outside a plate (global latents) force joint weights along it.
+
+Subsampling: for ``pyro.plate("data", N, subsample_size=B)`` the factor ``N / B`` is taken out
+of every site and returned as :attr:`LogWeights.scale`, to multiply per-datapoint bounds
+*outside* the log-sum-exp over particles. All other scales (``poutine.scale``) and masks stay
+inside the weights as part of the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.trace_struct import Trace
+from pyro.util import check_site_shape
+
+from ._traces import is_deterministic, is_latent, is_sample, plate_frames
+
+
+@dataclass
+class LogWeights:
+    """
+    Log densities of K particles, per element of the batch plates.
+
+    ``log_p`` and ``log_q`` have shape ``(K,) + batch_shape``; ``batch_shape`` lists sequential
+    batch plates (in order of nesting) and then vectorized ones (left to right). ``log_p`` carries
+    the graph of the model's parameters, ``log_q`` that of the guide's. ``log_q_score`` is the part
+    of ``log_q`` from sites without ``rsample`` (only computed on request, for VIMCO).
+    """
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    log_q_score: torch.Tensor | None
+    scale: float
+    batch_plates: tuple[str, ...]
+
+    @property
+    def log_w(self) -> torch.Tensor:
+        return self.log_p - self.log_q
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_p.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Batch plates and the subsample scale
+# --------------------------------------------------------------------------------------------
+def _sites(runs: list[tuple[Trace, Trace]]):
+    """Yield ``(site, role)`` for every sample site of model and guide in every run."""
+    for model_trace, guide_trace in runs:
+        for site in model_trace.nodes.values():
+            if is_sample(site) and not is_deterministic(site):
+                yield site, "model"
+        for site in guide_trace.nodes.values():
+            if is_latent(site):
+                yield site, "guide"
+
+
+def _full_size(frame) -> int:
+    return frame.size if frame.full_size is None else frame.full_size
+
+
+def _batch_plates(runs, per_datapoint: bool) -> tuple[dict, float]:
+    """
+    The frames of plates enclosing every site (by name), and the product of their subsample
+    factors. Raises if a subsampled plate does not enclose every site, because then its factor
+    would have to act inside the weights, which is neither a bound nor unbiased.
+    """
+    if not per_datapoint:
+        return {}, 1.0
+    site_frames = [
+        (site["name"], {f.name: f for f in plate_frames(site)}) for site, _ in _sites(runs)
+    ]
+    common = set.intersection(*(set(fr) for _, fr in site_frames)) if site_frames else set()
+    frames = {}
+    for _, fr in site_frames:
+        for name, f in fr.items():
+            if name in common:
+                frames.setdefault(name, f)
+            elif _full_size(f) != f.size:
+                outside = sorted({n for n, other in site_frames if name not in other})
+                raise ValueError(
+                    f"plate '{name}' is subsampled ({f.size} of {_full_size(f)}) but does not "
+                    f"enclose site(s) {outside}. Importance weights are then joint across the "
+                    "minibatch, and a log-sum-exp over particles of a joint weight has no "
+                    f"unbiased minibatch estimate (the {_full_size(f)}/{f.size} scale would act "
+                    "inside the weights). Put every latent inside the data plate, or train "
+                    "without subsampling, or use a loss that is linear in the log-weights "
+                    "(WakeSleepELBO with phase_q='sleep', or SleepPhaseLoss)."
+                )
+    scale = float(math.prod(_full_size(f) / f.size for f in frames.values()))
+    return frames, scale
+
+
+# --------------------------------------------------------------------------------------------
+# Reducing one site's log-density to (K, batch)
+# --------------------------------------------------------------------------------------------
+def site_log_prob(site: dict, scale_divisor: float = 1.0) -> torch.Tensor:
+    """``log fn(value)`` scaled and masked as the site says, with ``scale_divisor`` taken out."""
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    scale = site["scale"]
+    if scale_divisor != 1.0:
+        scale = scale / scale_divisor
+    return scale_and_mask(log_p, scale, site["mask"])
+
+
+def _aligned(log_p: torch.Tensor, site: dict, plate_nesting: int, vectorized: bool):
+    """Reshape a site's log-density to ``plate_nesting + 1`` dims, the particle dim first."""
+    if not torch.is_tensor(log_p):  # zero from scale_and_mask on a constant
+        log_p = torch.as_tensor(log_p)
+    ndim = plate_nesting + (1 if vectorized else 0)
+    if log_p.dim() > ndim:
+        raise ValueError(
+            f"site '{site['name']}' has log_prob of shape {tuple(log_p.shape)}, more batch "
+            f"dimensions than its plates declare (max_plate_nesting={plate_nesting}). Declare "
+            "event dimensions with .to_event(), wrap batch dimensions in pyro.plate, or raise "
+            "max_plate_nesting."
+        )
+    log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
+    return log_p if vectorized else log_p.unsqueeze(0)
+
+
+def _reduce(log_p, keep_dims: list[int]) -> torch.Tensor:
+    """Sum all dims except the particle dim and ``keep_dims`` (indices into the aligned shape)."""
+    drop = [d for d in range(1, log_p.dim()) if d not in keep_dims]
+    return log_p.sum(drop, keepdim=True) if drop else log_p
+
+
+def log_weights(
+    runs: list[tuple[Trace, Trace]],
+    *,
+    plate_nesting: int,
+    vectorized: bool,
+    per_datapoint: bool = True,
+    score_parts: bool = False,
+) -> LogWeights:
+    """
+    Build :class:`LogWeights` from wake-phase runs (see :func:`pyro_rws._traces.wake_traces`).
+
+    :param int plate_nesting: the number of user plates (the particle dim sits left of them).
+    :param bool vectorized: one run holds all particles (else one run per particle).
+    :param bool per_datapoint: keep batch plates (for log-sum-exp estimators). If False, all
+        plate dims are summed with every scale inside, giving shape ``(K,)``: enough for
+        estimators linear in the log-weights (wake-sleep's wake-theta and ELBO).
+    :param bool score_parts: also return the log-density of non-reparameterized guide sites.
+    """
+    frames, scale = _batch_plates(runs, per_datapoint)
+    vec = sorted((f for f in frames.values() if f.vectorized), key=lambda f: f.dim)
+    seq = sorted(f.name for f in frames.values() if not f.vectorized)
+    keep_dims = [plate_nesting + 1 + f.dim for f in vec]
+    vec_shape = [f.size for f in vec]
+    check_shapes = is_validation_enabled()
+
+    particles = []
+    for model_trace, guide_trace in runs:
+        # accumulators keyed by the counters of sequential batch plates
+        acc = {"model": {}, "guide": {}, "score": {}}
+        for site, role in _sites([(model_trace, guide_trace)]):
+            lp = site_log_prob(site, scale)
+            if check_shapes:
+                site["log_prob"] = lp
+                check_site_shape(site, plate_nesting + (1 if vectorized else 0))
+            lp = _reduce(_aligned(lp, site, plate_nesting, vectorized), keep_dims)
+            key = tuple(
+                next(f.counter for f in site["cond_indep_stack"] if f.name == name) for name in seq
+            )
+            targets = [role]
+            if role == "guide" and score_parts and not site["fn"].has_rsample:
+                targets.append("score")
+            for target in targets:
+                prev = acc[target].get(key)
+                acc[target][key] = lp if prev is None else prev + lp
+        particles.append({k: _assemble(v, seq, vec_shape) for k, v in acc.items()})
+
+    def stack(key):
+        parts = [p[key] for p in particles]
+        if any(part is None for part in parts):
+            return None
+        shapes = {tuple(part.shape[1:]) for part in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"particles disagree on the sizes of the batch plates {list(frames)}: "
+                f"{sorted(shapes)}. Every particle must visit the same datapoints."
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    log_p, log_q = stack("model"), stack("guide")
+    if log_q is None:  # a model without latent variables
+        log_q = torch.zeros_like(log_p)
+    log_q_score = stack("score") if score_parts else None
+    if score_parts and log_q_score is None:
+        log_q_score = torch.zeros_like(log_q)
+    return LogWeights(log_p, log_q, log_q_score, scale, tuple(frames))
+
+
+def _assemble(entries: dict, seq: list[str], vec_shape: list[int]) -> torch.Tensor | None:
+    """Stack per-counter tensors ``(K, ...)`` into ``(K, *seq_sizes, *vec_shape)``."""
+    if not entries:
+        return None
+    flat = {key: t.reshape(t.shape[0], *vec_shape) for key, t in entries.items()}
+    if not seq:
+        return flat[()]
+    counters = [sorted({key[i] for key in flat}) for i in range(len(seq))]
+    index = [{c: j for j, c in enumerate(cs)} for cs in counters]
+    like = next(iter(flat.values()))
+    zero = torch.zeros_like(like)
+    grid = {tuple(index[i][c] for i, c in enumerate(key)): t for key, t in flat.items()}
+    sizes = [len(cs) for cs in counters]
+    cells = [grid.get(pos, zero) for pos in _positions(sizes)]
+    return torch.stack(cells, 1).reshape(like.shape[0], *sizes, *vec_shape)
+
+
+def _positions(sizes: list[int]):
+    if not sizes:
+        yield ()
+        return
+    for i in range(sizes[0]):
+        for rest in _positions(sizes[1:]):
+            yield (i, *rest)
+
+
+# --------------------------------------------------------------------------------------------
+# Estimator pieces shared by the losses
+# --------------------------------------------------------------------------------------------
+def log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
+    """``log (1/K) sum_k exp(log_w[k])`` over the particle dim 0, per batch element."""
+    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size ``1 / sum_k wbar_k^2`` per batch element."""
+    return torch.softmax(log_w, 0).square().sum(0).reciprocal()
+
+
+def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor) -> None:
+    """Raise a clear error if some datapoint has no particle with positive weight."""
+    if bool(torch.isfinite(bound).all()):
+        return
+    if bool(torch.isnan(log_w).any()):
+        raise ValueError(
+            "log importance weights contain NaN: a log_prob of the model or guide returned NaN "
+            "(run with pyro.enable_validation(True) to find the site)."
+        )
+    if bool((bound == math.inf).any()):
+        raise ValueError(
+            "log importance weights contain +inf: the guide gives probability zero (or the model "
+            "infinite density) to a sampled value. Check the guide's support against the model's."
+        )
+    bad = int((bound == -math.inf).sum())
+    raise ValueError(
+        f"all {log_w.shape[0]} particles have zero importance weight (log w = -inf) for {bad} "
+        "batch element(s): the guide proposes values the model gives probability zero. Make "
+        "the guide's support match the model's, or increase num_particles."
+    )

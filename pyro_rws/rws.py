@@ -1,0 +1,185 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.util import warn_if_nan
+
+from ._base import WakeSleepLoss, check_count, check_fraction
+from ._sleep import FantasyArgs, check_fantasy_args
+from ._traces import subsample_sites, wake_traces
+from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
+from .diagnostics import StepStats
+
+
+class ReweightedWakeSleep(WakeSleepLoss):
+    r"""
+    Reweighted Wake-Sleep [1, 2], with per-datapoint importance weights and minibatching.
+
+    For each datapoint :math:`x` the guide proposes :math:`z^1, \dots, z^K \sim q_\phi(z|x)`,
+    with log-weights :math:`\log w_k = \log p_\theta(x, z^k) - \log q_\phi(z^k|x)` and
+    self-normalized weights :math:`\bar w_k = w_k / \sum_j w_j`. Model parameters descend the
+    wake-theta loss, guide parameters a mix of wake-phi and sleep-phi:
+
+    .. math::
+
+        \mathcal{L}_\theta &= -\log \frac{1}{K} \sum_{k=1}^K
+            \frac{p_\theta(x, z^k)}{\mathrm{sg}\, q_\phi(z^k|x)}, \\
+        \mathcal{L}_\phi^{\text{wake}} &= -\sum_{k=1}^K \mathrm{sg}(\bar w_k)
+            \log q_\phi(\mathrm{sg}\, z^k | x), \qquad
+        \mathcal{L}_\phi^{\text{sleep}} = -\log q_\phi(z | x),\ (x, z) \sim p_\theta, \\
+        \mathcal{L}_\phi &= \text{insomnia} \cdot \mathcal{L}_\phi^{\text{wake}}
+            + (1 - \text{insomnia}) \cdot \mathcal{L}_\phi^{\text{sleep}}
+
+    (sg: stop-gradient). Guide samples are never differentiated through, even when
+    reparameterizable; fantasies are detached; the model runs under ``no_grad`` in the sleep
+    phase. The gradient of ``theta`` is exactly that of :math:`\mathcal{L}_\theta`, the gradient
+    of ``phi`` that of :math:`\mathcal{L}_\phi`, from one backward pass.
+
+    **Per-datapoint weights.** The log-weights have one entry per particle and per element of
+    every plate that encloses all sample sites of model and guide (usually the data plate); the
+    log-sum-exp over particles runs separately for each. Plates nested inside are summed. A latent
+    outside a plate (a global latent) makes the weights joint along that plate, which is correct
+    but lowers the effective sample size as the batch grows; with such a plate subsampled there
+    is no unbiased minibatch estimate, and a :class:`ValueError` says so.
+
+    **Subsampling.** With ``pyro.plate("data", N, subsample_size=B)`` (or ``subsample=``) the
+    factor :math:`N/B` multiplies the per-datapoint terms outside the log-sum-exp. Other scales
+    (``poutine.scale``) and masks act inside the weights, as part of the model.
+
+    **Value.** :meth:`loss` and :meth:`loss_and_grads` return the negative importance-weighted
+    bound :math:`-\sum_n \frac{N}{B}\log \frac1K \sum_k w_{nk}` (a float; with ``insomnia < 1``
+    and ``model_has_params=False`` no wake phase runs and the value is the sleep-phi loss).
+    The terms, the bound and the per-datapoint effective sample size of the last step are in
+    :attr:`stats` (:class:`~pyro_rws.diagnostics.StepStats`).
+
+    **Sleep phase.** The model runs unconditioned with the caller's arguments; the guide is
+    called with each fantasy observation in place of the argument whose tensor the model
+    observed (see :mod:`pyro_rws._sleep` and ``fantasy_args``). A guide with an
+    ``observations`` keyword (Pyro's convention) receives ``{site: fantasy}`` there.
+
+    .. note:: Cost per step: one vectorized guide run and one model replay for the wake phase
+        (K particles); with ``insomnia < 1`` one more model run and guide run for the sleep phase.
+
+    :param int num_particles: K, particles per datapoint. At least 2 when ``insomnia > 0``:
+        with one particle the self-normalized wake-phi gradient has expectation zero.
+    :param float insomnia: weight of wake-phi against sleep-phi, in [0, 1]. Default 1 (wake-phi
+        only), which Le et al. [2] found better in most settings.
+    :param bool model_has_params: if False and ``insomnia == 0``, skip the wake phase (pure
+        sleep; see :class:`~pyro_rws.SleepPhaseLoss`). Kept for compatibility with Pyro.
+    :param int num_sleep_particles: S, fantasies per datapoint of the batch. Default 1 (each
+        sleep particle already makes a fantasy for every datapoint). With S > 1 and
+        ``vectorize_particles=True`` the guide receives fantasies with an extra leading particle
+        dimension and must broadcast over it.
+    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`. Default True.
+    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
+    :param fantasy_args: how fantasies become guide arguments when the model's ``obs=`` tensor is
+        not itself an argument: a dict ``{observed site: argument position | keyword | None}``
+        or a callable ``(fantasies, *args, **kwargs) -> (args, kwargs)``.
+    :param bool strict_enumeration_warning: accepted for compatibility with Pyro; ignored
+        (enumerated sites raise :class:`NotImplementedError`).
+    :param bool retain_graph: passed to ``backward``.
+
+    References
+
+    [1] `Reweighted Wake-Sleep`, Jörg Bornschein, Yoshua Bengio (ICLR 2015), arXiv:1406.2751
+
+    [2] `Revisiting Reweighted Wake-Sleep for Models with Stochastic Control Flow`,
+        Tuan Anh Le, Adam R. Kosiorek, N. Siddharth, Yee Whye Teh, Frank Wood (UAI 2019),
+        arXiv:1805.10469
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 2,
+        insomnia: float = 1.0,
+        model_has_params: bool = True,
+        num_sleep_particles: int | None = None,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | float = math.inf,
+        strict_enumeration_warning: bool = True,
+        *,
+        fantasy_args: FantasyArgs = None,
+        retain_graph: bool | None = None,
+    ):
+        insomnia = check_fraction("insomnia", insomnia)
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+            min_particles=2 if insomnia > 0 else 1,
+            why_min=(
+                " when insomnia > 0 (with one particle the self-normalized wake-phi gradient "
+                "is pure noise; use insomnia=0.0 for sleep-phi only)"
+            ),
+        )
+        self.insomnia = insomnia
+        self.model_has_params = bool(model_has_params)
+        self.num_sleep_particles = check_count(
+            "num_sleep_particles", 1 if num_sleep_particles is None else num_sleep_particles, 1
+        )
+        check_fantasy_args(fantasy_args)
+        self.fantasy_args = fantasy_args
+
+    def _terms(self, model, guide, args, kwargs):
+        plate_nesting = self._plate_nesting(model, guide, args, kwargs)
+        if not self.model_has_params and self.insomnia == 0.0:
+            sleep_phi = self._sleep(model, guide, args, kwargs, plate_nesting, None)
+            return (
+                sleep_phi.detach(),
+                sleep_phi,
+                StepStats(sleep_phi.detach(), sleep_phi=sleep_phi.detach()),
+            )
+
+        runs = wake_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+        )
+        lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
+        log_w = lw.log_p.detach() - lw.log_q.detach()
+        bound_n = log_mean_exp(log_w)
+        check_finite_bound(bound_n, log_w)
+        weights = torch.softmax(log_w, 0)
+        bound = lw.scale * bound_n.sum()
+        # grad of -sum_k sg(wbar_k) log p(x, z_k) == grad of -log mean_k p(x, z_k)/sg q(z_k|x)
+        surrogate = -lw.scale * (weights * lw.log_p).sum()
+        stats = StepStats(-bound, wake_theta=-bound, bound=bound, num_particles=self.num_particles)
+        stats.ess = effective_sample_size(log_w)
+        if self.insomnia > 0.0:
+            wake_phi = -lw.scale * (weights * lw.log_q).sum()
+            surrogate = surrogate + self.insomnia * wake_phi
+            stats.wake_phi = wake_phi.detach()
+        if self.insomnia < 1.0:
+            sleep_phi = self._sleep(
+                model, guide, args, kwargs, plate_nesting, subsample_sites(runs[0][1])
+            )
+            surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi
+            stats.sleep_phi = sleep_phi.detach()
+        if is_validation_enabled():
+            warn_if_nan(surrogate, "wake-theta/wake-phi surrogate loss")
+        return -bound, surrogate, stats
+
+    def _sleep(self, model, guide, args, kwargs, plate_nesting, minibatch):
+        return self._sleep_phi(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_sleep_particles,
+            plate_nesting=plate_nesting,
+            minibatch=minibatch,
+        )
+
+
+#: Short name for :class:`ReweightedWakeSleep`.
+RWS = ReweightedWakeSleep

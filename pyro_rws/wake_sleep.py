@@ -1,0 +1,151 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.util import warn_if_nan
+
+from ._base import WakeSleepLoss, check_count
+from ._sleep import FantasyArgs, check_fantasy_args
+from ._traces import subsample_sites, wake_traces
+from ._weights import check_finite_bound, effective_sample_size, log_weights
+from .diagnostics import StepStats
+
+PHASES = ("sleep", "wake")
+
+
+class WakeSleepELBO(WakeSleepLoss):
+    r"""
+    The classic wake-sleep algorithm [1], as in Edward's ``WakeSleep`` [2].
+
+    The wake phase fits the model to guide samples, with the unweighted estimator
+
+    .. math::
+
+        \mathcal{L}_\theta = -\frac{1}{K} \sum_{k=1}^K \log p_\theta(x, \mathrm{sg}\, z^k),
+        \qquad z^k \sim q_\phi(z | x),
+
+    which is the gradient of the ELBO with respect to :math:`\theta`. The guide is fitted
+    either in the sleep phase (``phase_q="sleep"``, the original algorithm), on fantasies
+    :math:`(x, z) \sim p_\theta`:
+
+    .. math:: \mathcal{L}_\phi = -\frac{1}{S}\sum_{s=1}^S \log q_\phi(z_s | x_s),
+
+    which minimizes :math:`\mathrm{KL}(p_\theta(z|x) \| q_\phi(z|x))` averaged over the model's
+    own data; or in the wake phase (``phase_q="wake"``) on the same guide samples, reweighted:
+    :math:`\mathcal{L}_\phi = -\sum_k \mathrm{sg}(\bar w_k) \log q_\phi(\mathrm{sg}\,z^k|x)`
+    (the wake-phi update of reweighted wake-sleep). With ``num_particles=1`` the wake update of
+    the guide, :math:`-\log q_\phi(\mathrm{sg}\,z|x)` with :math:`z \sim q_\phi`, has expectation
+    zero: it is pure noise, and a warning says so.
+
+    **Value.** :meth:`loss` returns the negative ELBO estimate
+    :math:`-\frac1K\sum_k [\log p(x, z^k) - \log q(z^k|x)]`, summed over datapoints and scaled for
+    subsampling. Terms are in :attr:`stats`.
+
+    With ``phase_q="sleep"`` the loss is linear in the log-densities, so global latents and
+    subsampling combine freely (scales act inside, as in Pyro's ``Trace_ELBO``). With
+    ``phase_q="wake"`` the weights are per datapoint, as in :class:`~pyro_rws.ReweightedWakeSleep`.
+
+    :param int num_particles: K, guide samples per datapoint for the wake phase.
+    :param str phase_q: ``"sleep"`` (default) or ``"wake"``.
+    :param int num_sleep_particles: S, fantasies per datapoint of the batch (default 1).
+    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`.
+    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
+    :param fantasy_args: see :class:`~pyro_rws.ReweightedWakeSleep`.
+    :param bool retain_graph: passed to ``backward``.
+
+    References
+
+    [1] `The "wake-sleep" algorithm for unsupervised neural networks`, Geoffrey E. Hinton,
+        Peter Dayan, Brendan J. Frey, Radford M. Neal (Science, 1995)
+
+    [2] `Edward: A library for probabilistic modeling, inference, and criticism`,
+        Dustin Tran et al., arXiv:1610.09787 (``ed.WakeSleep``)
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        phase_q: str = "sleep",
+        num_sleep_particles: int | None = None,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | float = math.inf,
+        *,
+        fantasy_args: FantasyArgs = None,
+        retain_graph: bool | None = None,
+    ):
+        if phase_q not in PHASES:
+            raise ValueError(f"phase_q must be 'sleep' or 'wake', got {phase_q!r}")
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+        )
+        if phase_q == "wake" and self.num_particles == 1:
+            warnings.warn(
+                "WakeSleepELBO(phase_q='wake', num_particles=1): the wake update of the guide, "
+                "-log q(sg z|x) with z ~ q, has expectation zero, so the guide learns nothing "
+                "but noise. Use num_particles >= 2 (reweighted wake-phi) or phase_q='sleep'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.phase_q = phase_q
+        self.num_sleep_particles = check_count(
+            "num_sleep_particles", 1 if num_sleep_particles is None else num_sleep_particles, 1
+        )
+        check_fantasy_args(fantasy_args)
+        self.fantasy_args = fantasy_args
+
+    def _terms(self, model, guide, args, kwargs):
+        plate_nesting = self._plate_nesting(model, guide, args, kwargs)
+        runs = wake_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+        )
+        wake_q = self.phase_q == "wake"
+        lw = log_weights(
+            runs,
+            plate_nesting=plate_nesting,
+            vectorized=self.vectorize_particles,
+            per_datapoint=wake_q,
+        )
+        K = self.num_particles
+        log_w = lw.log_p.detach() - lw.log_q.detach()
+        elbo = lw.scale * log_w.sum() / K
+        if not bool(torch.isfinite(elbo)):
+            check_finite_bound(log_w.sum(tuple(range(1, log_w.dim()))), log_w)
+        wake_theta = -lw.scale * lw.log_p.sum() / K
+        surrogate = wake_theta
+        stats = StepStats(-elbo, wake_theta=wake_theta.detach(), bound=elbo, num_particles=K)
+        if wake_q:
+            weights = torch.softmax(log_w, 0)
+            wake_phi = -lw.scale * (weights * lw.log_q).sum()
+            surrogate = surrogate + wake_phi
+            stats.wake_phi = wake_phi.detach()
+            stats.ess = effective_sample_size(log_w)
+        else:
+            sleep_phi = self._sleep_phi(
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=self.num_sleep_particles,
+                plate_nesting=plate_nesting,
+                minibatch=subsample_sites(runs[0][1]),
+            )
+            surrogate = surrogate + sleep_phi
+            stats.sleep_phi = sleep_phi.detach()
+        if is_validation_enabled():
+            warn_if_nan(surrogate, "wake-sleep surrogate loss")
+        return -elbo, surrogate, stats
