@@ -3,8 +3,10 @@
 """Wake-sleep family of inference algorithms for Pyro."""
 
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
+from .evaluation import log_evidence
 from .rws import RWS, ReweightedWakeSleep
 from .sleep_phase import SleepPhaseLoss
+from .vimco import VIMCO
 from .wake_sleep import WakeSleepELBO
 
 __version__ = "0.1.0"
@@ -15,5 +17,7 @@ __all__ = [
     "ReweightedWakeSleep",
     "SleepPhaseLoss",
     "StepStats",
+    "VIMCO",
     "WakeSleepELBO",
+    "log_evidence",
 ]

@@ -96,22 +96,22 @@ def wake_traces(
     vectorize: bool,
     plate_nesting: int,
     detach: bool = True,
+    minibatch: Trace | None = None,
 ) -> list[tuple[Trace, Trace]]:
     """
     Draw ``num_particles`` particles from the guide and replay the model on them.
 
     Vectorized: one ``(model_trace, guide_trace)`` pair whose sites carry a particle dimension at
     ``-(plate_nesting + 1)``. Sequential: one pair per particle, all on the same minibatch (the
-    first particle's subsample indices are replayed into the others). With ``detach`` the guide's
-    sample values are detached, so no gradient flows through them (RWS, wake-sleep); VIMCO keeps
-    them attached for its pathwise term.
+    first particle's subsample indices, or ``minibatch`` if given, are replayed into the others).
+    With ``detach`` the guide's sample values are detached, so no gradient flows through them
+    (RWS, wake-sleep); VIMCO keeps them attached for its pathwise term.
     """
     _check_guide(guide)
     if vectorize:
         guide = in_particle_plate(guide, num_particles, plate_nesting)
         model = in_particle_plate(model, num_particles, plate_nesting)
     runs = []
-    minibatch = None
     for _ in range(1 if vectorize else num_particles):
         guide_trace = poutine.trace(_replaying(guide, minibatch)).get_trace(*args, **kwargs)
         if detach:

@@ -1,0 +1,135 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.util import warn_if_nan
+
+from ._base import WakeSleepLoss
+from ._traces import wake_traces
+from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
+from .diagnostics import StepStats
+
+
+def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
+    r"""
+    VIMCO's baselines :math:`\hat L_{-k}`: the bound with :math:`\log w_k` replaced by the mean of
+    the other log-weights, for each k. Shape ``(K,) + batch``, computed in log space
+    (``K^2`` memory per datapoint), so a dominant particle does not cancel catastrophically.
+    """
+    K = log_w.shape[0]
+    mean_others = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # (K, *batch)
+    eye = torch.eye(K, dtype=torch.bool, device=log_w.device)
+    eye = eye.reshape(K, K, *([1] * (log_w.dim() - 1)))
+    # row k: log w with entry k replaced by mean_others[k]
+    replaced = torch.where(eye, mean_others.unsqueeze(1), log_w.unsqueeze(0))
+    return torch.logsumexp(replaced, 1) - math.log(K)
+
+
+class VIMCO(WakeSleepLoss):
+    r"""
+    Variational inference for Monte Carlo objectives [1]: the importance-weighted bound
+
+    .. math:: \hat L = \log \frac{1}{K} \sum_{k=1}^K w_k, \qquad
+        w_k = \frac{p_\theta(x, z^k)}{q_\phi(z^k | x)}, \quad z^k \sim q_\phi(\cdot | x),
+
+    maximized in both :math:`\theta` and :math:`\phi` with the multi-sample score-function
+    estimator and per-particle leave-one-out baselines:
+
+    .. math::
+
+        \nabla_\phi \hat L \approx \sum_{k=1}^K \mathrm{sg}(\hat L - \hat L_{-k})\,
+            \nabla_\phi \log q_\phi(z^k | x) + \sum_{k=1}^K \mathrm{sg}(\bar w_k)\,
+            \nabla_\phi \log w_k,
+
+    where :math:`\hat L_{-k}` replaces :math:`\log w_k` by the mean of the other log-weights.
+    The score-function term uses only the guide sites that cannot be reparameterized; sites with
+    ``rsample`` contribute through the second, pathwise term (guide samples are *not* detached
+    here). Model parameters get the gradient of :math:`\hat L`, the same as wake-theta of
+    :class:`~pyro_rws.ReweightedWakeSleep`. The estimator is unbiased for the gradient of
+    :math:`\mathbb{E}[\hat L]`.
+
+    Weights are per datapoint, with the plate and subsampling semantics of
+    :class:`~pyro_rws.ReweightedWakeSleep` (the same code builds them).
+
+    **Value.** The negative bound :math:`-\sum_n \frac{N}{B} \hat L_n`, as for RWS. Terms are in
+    :attr:`stats`.
+
+    .. note:: Unlike reweighted wake-sleep, the guide of an IWAE-type objective gets a weaker
+        learning signal as K grows [2, 3]; compare both on your problem.
+
+    :param int num_particles: K >= 2 (the baselines need at least one other particle).
+    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`.
+    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
+    :param bool retain_graph: passed to ``backward``.
+
+    References
+
+    [1] `Variational inference for Monte Carlo objectives`, Andriy Mnih, Danilo J. Rezende
+        (ICML 2016), arXiv:1602.06725
+
+    [2] `Tighter Variational Bounds are Not Necessarily Better`, Tom Rainforth et al.
+        (ICML 2018), arXiv:1802.04537
+
+    [3] `Revisiting Reweighted Wake-Sleep for Models with Stochastic Control Flow`, Le et al.
+        (UAI 2019), arXiv:1805.10469
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 2,
+        vectorize_particles: bool = True,
+        max_plate_nesting: int | float = math.inf,
+        *,
+        retain_graph: bool | None = None,
+    ):
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+            min_particles=2,
+            why_min=" (VIMCO's leave-one-out baselines need another particle)",
+        )
+
+    def _terms(self, model, guide, args, kwargs):
+        plate_nesting = self._plate_nesting(model, guide, args, kwargs)
+        runs = wake_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+            detach=False,
+        )
+        lw = log_weights(
+            runs,
+            plate_nesting=plate_nesting,
+            vectorized=self.vectorize_particles,
+            score_parts=True,
+        )
+        log_w = lw.log_w  # with the graph of theta, and of phi through log q and rsample sites
+        bound_n = log_mean_exp(log_w)
+        log_w_detached, bound_detached = log_w.detach(), bound_n.detach()
+        check_finite_bound(bound_detached, log_w_detached)
+        baseline = leave_one_out_bounds(log_w_detached)
+        learning_signal = bound_detached.unsqueeze(0) - baseline  # (K, *batch)
+        surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()
+        bound = lw.scale * bound_detached.sum()
+        if is_validation_enabled():
+            warn_if_nan(surrogate, "VIMCO surrogate loss")
+        stats = StepStats(
+            -bound,
+            wake_theta=-bound,
+            wake_phi=-bound,
+            bound=bound,
+            ess=effective_sample_size(log_w_detached),
+            num_particles=self.num_particles,
+        )
+        return -bound, surrogate, stats

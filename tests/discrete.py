@@ -1,0 +1,142 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+A small discrete model whose every expectation can be enumerated, and tools to do it.
+
+Model: for each datapoint, ``z ~ Categorical(softmax(prior))`` over C = 3 values and
+``x ~ Bernoulli(sigmoid(emit[z]))`` observed. Guide: an amortized table,
+``q(z | x) = Categorical(softmax(table[x]))``. ``prior`` and ``emit`` are model parameters,
+``table`` the guide's.
+
+The library's estimator is run with the guide's draws *fixed* to each possible K-tuple (by
+replaying a trace that holds them) and the fantasies of the sleep phase fixed to each possible
+``(x, z)`` (by an outermost handler), so the expectation of the library's gradient is a finite
+weighted sum, computed to rounding error. The exact targets are written independently below in
+plain torch, from probability tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.trace_struct import Trace
+
+C = 3
+THETA = ("prior", "emit")
+PHI = ("table",)
+
+
+def init_params(dtype=torch.float64):
+    pyro.param("prior", torch.tensor([0.3, -0.4, 0.2], dtype=dtype))
+    pyro.param("emit", torch.tensor([-1.2, 0.4, 1.6], dtype=dtype))
+    pyro.param("table", torch.tensor([[0.5, -0.3, 0.1], [-0.6, 0.2, 0.7]], dtype=dtype))
+
+
+def model(x):
+    prior, emit = pyro.param("prior"), pyro.param("emit")
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Categorical(logits=prior))
+        pyro.sample("x", dist.Bernoulli(logits=emit[z]), obs=x)
+
+
+def guide(x):
+    table = pyro.param("table")
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Categorical(logits=table[x.long()]))
+
+
+def params(names):
+    return [pyro.param(n).unconstrained() for n in names]
+
+
+# ------------------------------------------------------------------------------------------
+# exact tables, in plain torch
+# ------------------------------------------------------------------------------------------
+def log_joint_table():
+    """``log p(x, z)`` as a (2, C) table indexed [x, z]."""
+    prior, emit = pyro.param("prior"), pyro.param("emit")
+    log_pz = torch.log_softmax(prior, -1)
+    log_px1 = torch.nn.functional.logsigmoid(emit)
+    log_px0 = torch.nn.functional.logsigmoid(-emit)
+    return torch.stack([log_pz + log_px0, log_pz + log_px1])
+
+
+def log_guide_table():
+    """``log q(z | x)`` as a (2, C) table indexed [x, z]."""
+    return torch.log_softmax(pyro.param("table"), -1)
+
+
+def tuples(K):
+    """All K-tuples of latent values, as a (C**K, K) long tensor."""
+    return torch.tensor(list(itertools.product(range(C), repeat=K)))
+
+
+def iwae(x: int, K: int, detach_q=False):
+    """Exact E_q[log (1/K) sum_k p(x, z_k) / q(z_k | x)] for one datapoint, by enumeration."""
+    lp, lq = log_joint_table()[x], log_guide_table()[x]
+    if detach_q:
+        lq = lq.detach()
+    zs = tuples(K)
+    log_w = lp[zs] - lq[zs]  # (C**K, K)
+    prob = lq[zs].sum(-1).exp()
+    return (prob * (torch.logsumexp(log_w, -1) - math.log(K))).sum()
+
+
+# ------------------------------------------------------------------------------------------
+# running the library on fixed draws
+# ------------------------------------------------------------------------------------------
+def fixed_trace(**values) -> Trace:
+    trace = Trace()
+    for name, value in values.items():
+        trace.add_node(name, type="sample", is_observed=False, value=value, infer={})
+    return trace
+
+
+def with_draws(guide_fn, draws: torch.Tensor, vectorized=True):
+    """``guide_fn`` with its site "z" fixed: all K particles at once, or one per call."""
+    if vectorized:
+        return poutine.replay(guide_fn, trace=fixed_trace(z=draws))
+    queue = iter(draws)
+
+    def one_at_a_time(*args, **kwargs):
+        return poutine.replay(guide_fn, trace=fixed_trace(z=next(queue)))(*args, **kwargs)
+
+    return one_at_a_time
+
+
+class FixFantasies(Messenger):
+    """Outermost handler: gives sample sites that nothing else decided the values in ``values``."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values and not msg["done"] and not msg["is_observed"]:
+            msg["value"] = self.values[msg["name"]]
+            msg["done"] = True
+
+
+def joint_draws(x: torch.Tensor, K: int):
+    """All (K, N) draws of z for the batch ``x``, with their probabilities under the guide."""
+    N = len(x)
+    lq = log_guide_table()
+    for flat in itertools.product(range(C), repeat=K * N):
+        z = torch.tensor(flat).reshape(K, N)
+        log_prob = lq[x.long().expand(K, N), z].sum()
+        yield z, log_prob.exp().detach()
+
+
+def expected_grad(loss, x, K, names, vectorized=True):
+    """Exact expectation over the guide's draws of the library's gradient wrt ``names``."""
+    total = 0.0
+    for z, prob in joint_draws(x, K):
+        value = loss.differentiable_loss(model, with_draws(guide, z, vectorized), x)
+        total = total + prob * value
+    return torch.autograd.grad(total, params(names)), total.detach()
