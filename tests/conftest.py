@@ -1,9 +1,8 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
+import pyro
 import pytest
 import torch
-
-import pyro
 
 # Tiny tensor ops run far slower with several threads when the other core is busy.
 torch.set_num_threads(1)
