@@ -16,6 +16,7 @@ inside the weights as part of the model.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -197,6 +198,8 @@ def log_weights(
         return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     log_p, log_q = stack("model"), stack("guide")
+    if log_p is None:
+        raise ValueError("the model has no sample sites: there is nothing to weight")
     if log_q is None:  # a model without latent variables
         log_q = torch.zeros_like(log_p)
     log_q_score = stack("score") if score_parts else None
@@ -218,17 +221,8 @@ def _assemble(entries: dict, seq: list[str], vec_shape: list[int]) -> torch.Tens
     zero = torch.zeros_like(like)
     grid = {tuple(index[i][c] for i, c in enumerate(key)): t for key, t in flat.items()}
     sizes = [len(cs) for cs in counters]
-    cells = [grid.get(pos, zero) for pos in _positions(sizes)]
+    cells = [grid.get(pos, zero) for pos in itertools.product(*map(range, sizes))]
     return torch.stack(cells, 1).reshape(like.shape[0], *sizes, *vec_shape)
-
-
-def _positions(sizes: list[int]):
-    if not sizes:
-        yield ()
-        return
-    for i in range(sizes[0]):
-        for rest in _positions(sizes[1:]):
-            yield (i, *rest)
 
 
 # --------------------------------------------------------------------------------------------

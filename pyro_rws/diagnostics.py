@@ -80,8 +80,8 @@ class ESSMonitor:
     """
     Warns (rate-limited) when the batch-mean effective sample size stays near its minimum of 1.
 
-    "Near 1" means below ``1 + 0.05 (K - 1)``, i.e. within 5% of the bottom of the range
-    ``[1, K]``; "stays" means for ``patience`` consecutive steps. After a warning, the next one
+    "Near 1" means below ``1 + min(0.1, 0.02 (K - 1))`` (1.02 for K = 2, 1.1 for K >= 6);
+    "stays" means for ``patience`` consecutive steps. After a warning, the next one
     comes no sooner than ``cooldown`` steps later.
     """
 
@@ -96,7 +96,7 @@ class ESSMonitor:
         if num_particles < 2:
             return
         self.step += 1
-        threshold = 1.0 + 0.05 * (num_particles - 1)
+        threshold = 1.0 + min(0.1, 0.02 * (num_particles - 1))
         self.low_run = self.low_run + 1 if ess_mean < threshold else 0
         if self.low_run < self.patience:
             return
