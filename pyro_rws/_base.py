@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from pyro.infer import ELBO
+from pyro.infer.elbo import ELBOModule
 from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
@@ -86,6 +87,25 @@ class WakeSleepLoss(ELBO):
     # ----------------------------------------------------------------------------------------
     # public interface
     # ----------------------------------------------------------------------------------------
+    def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
+        """
+        A :class:`torch.nn.Module` whose ``forward(*args, **kwargs)`` is
+        ``differentiable_loss(model, guide, *args, **kwargs)``, for plain PyTorch optimizers,
+        PyTorch Lightning and DistributedDataParallel. Model and guide may be modules or
+        methods of modules (e.g. ``sbn.model``); either way their module's parameters are
+        registered, so ``module.parameters()`` holds them.
+        """
+        module = ELBOModule(model, guide, self)
+        owners = []
+        for fn in (model, guide):
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, torch.nn.Module) and not isinstance(fn, torch.nn.Module):
+                if all(owner is not o for o in owners):
+                    owners.append(owner)
+        if owners:
+            module.owners = torch.nn.ModuleList(owners)
+        return module
+
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """
         :returns: the loss value for one fresh draw of particles (no gradients, no graph kept).
@@ -113,6 +133,8 @@ class WakeSleepLoss(ELBO):
         :returns: a scalar tensor whose value is the loss and whose gradient, by one
             ``backward()``, is the estimator: for use with plain PyTorch optimizers, the module
             returned by ``loss(model, guide)``, PyTorch Lightning or DistributedDataParallel.
+            :attr:`stats` is updated; the low effective-sample-size warning is checked only by
+            :meth:`loss` and :meth:`loss_and_grads` (it needs a device synchronization).
         :rtype: torch.Tensor
         """
         value, surrogate, stats = self._terms(model, guide, args, kwargs)

@@ -116,9 +116,9 @@ def wake_traces(
         guide_trace = poutine.trace(_replaying(guide, minibatch)).get_trace(*args, **kwargs)
         if detach:
             guide_trace.detach_()
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace = poutine.trace(
+            poutine.replay(_RejectEnumeration("model")(model), trace=guide_trace)
+        ).get_trace(*args, **kwargs)
         check_wake_match(model_trace, guide_trace)
         if minibatch is None:
             minibatch = subsample_sites(guide_trace)
@@ -126,15 +126,36 @@ def wake_traces(
     return runs
 
 
+def _check_site_enumeration(name: str, infer: dict, role: str) -> None:
+    if infer.get("enumerate"):
+        raise NotImplementedError(
+            f"{role} site '{name}' is marked for enumeration "
+            f"(infer={{'enumerate': {infer['enumerate']!r}}}). pyro_rws samples every "
+            "latent from the guide and does not enumerate; remove config_enumerate / the "
+            "'enumerate' flag, or use pyro.infer.TraceEnum_ELBO for enumerated models."
+        )
+
+
 def _check_enumeration(trace: Trace, role: str) -> None:
     for name, site in trace.nodes.items():
-        if is_latent(site) and site["infer"].get("enumerate"):
-            raise NotImplementedError(
-                f"{role} site '{name}' is marked for enumeration "
-                f"(infer={{'enumerate': {site['infer']['enumerate']!r}}}). pyro_rws samples every "
-                "latent from the guide and does not enumerate; remove config_enumerate / the "
-                "'enumerate' flag, or use pyro.infer.TraceEnum_ELBO for enumerated models."
-            )
+        if is_latent(site):
+            _check_site_enumeration(name, site["infer"], role)
+
+
+class _RejectEnumeration(poutine.messenger.Messenger):
+    """
+    Raise at latent sites marked for enumeration. Wraps a program *inside* ``poutine.replay``,
+    which replaces a replayed site's ``infer`` dict by the other program's, so that a trace
+    check afterwards would not see the flag.
+    """
+
+    def __init__(self, role: str):
+        super().__init__()
+        self.role = role
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] and not site_is_subsample(msg):
+            _check_site_enumeration(msg["name"], msg["infer"] or {}, self.role)
 
 
 def check_wake_match(model_trace: Trace, guide_trace: Trace) -> None:
@@ -192,7 +213,7 @@ def sleep_traces(
     sites of the wake phase) is replayed so both phases see the same minibatch.
     """
     _check_guide(guide)
-    model = poutine.uncondition(model)
+    model = _Uncondition()(model)
     if vectorize:
         model = in_particle_plate(model, num_particles, plate_nesting)
         guide = in_particle_plate(guide, num_particles, plate_nesting)
@@ -203,14 +224,25 @@ def sleep_traces(
             model_trace = poutine.trace(_replaying(model, minibatch)).get_trace(*args, **kwargs)
         check_sleep_model(model_trace)
         guide_args, guide_kwargs = guide_inputs(model_trace, args, kwargs, squeeze)
-        guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
-            *guide_args, **guide_kwargs
-        )
+        guide_trace = poutine.trace(
+            poutine.replay(_RejectEnumeration("guide")(guide), trace=model_trace)
+        ).get_trace(*guide_args, **guide_kwargs)
         check_sleep_match(model_trace, guide_trace)
         if minibatch is None:
             minibatch = subsample_sites(model_trace)
         runs.append((model_trace, guide_trace))
     return runs
+
+
+class _Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
+    """
+    ``poutine.uncondition`` except at ``pyro.deterministic`` sites, which keep their value: a
+    Delta resampled inside plates would take the plate shape on top of its event shape.
+    """
+
+    def _pyro_sample(self, msg) -> None:
+        if not (msg["infer"] or {}).get("_deterministic"):
+            super()._pyro_sample(msg)
 
 
 def is_fantasy(site: dict) -> bool:
@@ -259,6 +291,17 @@ def check_sleep_match(model_trace: Trace, guide_trace: Trace) -> None:
             "latents under the guide, log q(z|x), which is intractable with guide-only "
             "variables: use the wake phase only (insomnia=1.0 or phase_q='wake')."
         )
+    # The guide's plates replay the model's subsample indices, so a plate of another size in the
+    # guide (e.g. len(x) of a fantasy with a particle dim) would silently rescale log q.
+    for name, site in guide_trace.nodes.items():
+        model_site = model_trace.nodes.get(name)
+        if site_is_subsample(site) and model_site is not None and site_is_subsample(model_site):
+            if site["fn"].size != model_site["fn"].size:
+                raise ValueError(
+                    f"plate '{name}' has size {site['fn'].size} in the guide but "
+                    f"{model_site['fn'].size} in the model, in the sleep phase (the guide was "
+                    "called with fantasy observations in place of the data)."
+                )
 
 
 # --------------------------------------------------------------------------------------------

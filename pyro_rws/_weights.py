@@ -119,8 +119,6 @@ def site_log_prob(site: dict, scale_divisor: float = 1.0) -> torch.Tensor:
 
 def _aligned(log_p: torch.Tensor, site: dict, plate_nesting: int, vectorized: bool):
     """Reshape a site's log-density to ``plate_nesting + 1`` dims, the particle dim first."""
-    if not torch.is_tensor(log_p):  # zero from scale_and_mask on a constant
-        log_p = torch.as_tensor(log_p)
     ndim = plate_nesting + (1 if vectorized else 0)
     if log_p.dim() > ndim:
         raise ValueError(
@@ -238,15 +236,32 @@ def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_w, 0).square().sum(0).reciprocal()
 
 
-def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor) -> None:
-    """Raise a clear error if some datapoint has no particle with positive weight."""
+def _nan_sites(runs) -> list[str]:
+    names = []
+    for site, role in _sites(runs or []):
+        if bool(torch.isnan(site_log_prob(site)).any()):
+            names.append(f"{role} site '{site['name']}'")
+    return sorted(set(names))
+
+
+def _raise_nan(runs) -> None:
+    where = _nan_sites(runs)
+    raise ValueError(
+        "log importance weights contain NaN: "
+        + (f"log_prob is NaN at {', '.join(where)}." if where else "a log_prob returned NaN.")
+        + " Check the distribution parameters computed there (e.g. a network output)."
+    )
+
+
+def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
+    """
+    Raise a clear error if some datapoint has no particle with positive weight, or a weight is
+    NaN or infinite. ``runs`` (the traces) let the error name the offending sites.
+    """
     if bool(torch.isfinite(bound).all()):
         return
     if bool(torch.isnan(log_w).any()):
-        raise ValueError(
-            "log importance weights contain NaN: a log_prob of the model or guide returned NaN "
-            "(run with pyro.enable_validation(True) to find the site)."
-        )
+        _raise_nan(runs)
     if bool((bound == math.inf).any()):
         raise ValueError(
             "log importance weights contain +inf: the guide gives probability zero (or the model "
@@ -257,4 +272,21 @@ def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor) -> None:
         f"all {log_w.shape[0]} particles have zero importance weight (log w = -inf) for {bad} "
         "batch element(s): the guide proposes values the model gives probability zero. Make "
         "the guide's support match the model's, or increase num_particles."
+    )
+
+
+def check_finite_elbo(elbo: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
+    """Like :func:`check_finite_bound`, for estimators that average log-weights (the ELBO)."""
+    if bool(torch.isfinite(elbo)):
+        return
+    if bool(torch.isnan(log_w).any()):
+        _raise_nan(runs)
+    raise ValueError(
+        "the ELBO is infinite: a guide sample has "
+        + (
+            "infinite density under the model or zero under the guide (log w = +inf)"
+            if bool((log_w == math.inf).any())
+            else "probability zero under the model (log p(x, z) = -inf)"
+        )
+        + ". Make the guide's support match the model's."
     )

@@ -148,11 +148,14 @@ class ReweightedWakeSleep(WakeSleepLoss):
         lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
         log_w = lw.log_p.detach() - lw.log_q.detach()
         bound_n = log_mean_exp(log_w)
-        check_finite_bound(bound_n, log_w)
+        check_finite_bound(bound_n, log_w, runs)
         weights = torch.softmax(log_w, 0)
         bound = lw.scale * bound_n.sum()
+        # Particles of weight zero (log p = -inf, outside the model's support) drop out: else
+        # 0 * -inf makes the surrogate and every gradient NaN.
+        log_p = torch.where(weights > 0, lw.log_p, 0.0)
         # grad of -sum_k sg(wbar_k) log p(x, z_k) == grad of -log mean_k p(x, z_k)/sg q(z_k|x)
-        surrogate = -lw.scale * (weights * lw.log_p).sum()
+        surrogate = -lw.scale * (weights * log_p).sum()
         stats = StepStats(-bound, wake_theta=-bound, bound=bound, num_particles=self.num_particles)
         stats.ess = effective_sample_size(log_w)
         if self.insomnia > 0.0:

@@ -22,11 +22,12 @@ def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
     (``K^2`` memory per datapoint), so a dominant particle does not cancel catastrophically.
     """
     K = log_w.shape[0]
-    mean_others = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # (K, *batch)
     eye = torch.eye(K, dtype=torch.bool, device=log_w.device)
     eye = eye.reshape(K, K, *([1] * (log_w.dim() - 1)))
-    # row k: log w with entry k replaced by mean_others[k]
-    replaced = torch.where(eye, mean_others.unsqueeze(1), log_w.unsqueeze(0))
+    rows = log_w.unsqueeze(0).expand(K, *log_w.shape)  # rows[k, j] = log w_j
+    # the mean over j != k, summed without subtraction so that a -inf weight gives -inf, not NaN
+    mean_others = rows.masked_fill(eye, 0.0).sum(1, keepdim=True) / (K - 1)
+    replaced = torch.where(eye, mean_others, rows)  # row k: log w_k replaced by mean_others[k]
     return torch.logsumexp(replaced, 1) - math.log(K)
 
 
@@ -115,9 +116,12 @@ class VIMCO(WakeSleepLoss):
             score_parts=True,
         )
         log_w = lw.log_w  # with the graph of theta, and of phi through log q and rsample sites
+        log_w_detached = log_w.detach()
+        # particles of weight zero carry no gradient (their log-density may have none)
+        log_w = torch.where(log_w_detached > -math.inf, log_w, log_w_detached)
         bound_n = log_mean_exp(log_w)
-        log_w_detached, bound_detached = log_w.detach(), bound_n.detach()
-        check_finite_bound(bound_detached, log_w_detached)
+        bound_detached = bound_n.detach()
+        check_finite_bound(bound_detached, log_w_detached, runs)
         baseline = leave_one_out_bounds(log_w_detached)
         learning_signal = bound_detached.unsqueeze(0) - baseline  # (K, *batch)
         surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()

@@ -13,7 +13,7 @@ from pyro.util import warn_if_nan
 from ._base import WakeSleepLoss, check_count
 from ._sleep import FantasyArgs, check_fantasy_args
 from ._traces import subsample_sites, wake_traces
-from ._weights import check_finite_bound, effective_sample_size, log_weights
+from ._weights import check_finite_elbo, effective_sample_size, log_weights
 from .diagnostics import StepStats
 
 PHASES = ("sleep", "wake")
@@ -123,8 +123,7 @@ class WakeSleepELBO(WakeSleepLoss):
         K = self.num_particles
         log_w = lw.log_p.detach() - lw.log_q.detach()
         elbo = lw.scale * log_w.sum() / K
-        if not bool(torch.isfinite(elbo)):
-            check_finite_bound(log_w.sum(tuple(range(1, log_w.dim()))), log_w)
+        check_finite_elbo(elbo, log_w, runs)
         wake_theta = -lw.scale * lw.log_p.sum() / K
         surrogate = wake_theta
         stats = StepStats(-elbo, wake_theta=wake_theta.detach(), bound=elbo, num_particles=K)

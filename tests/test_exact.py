@@ -168,7 +168,7 @@ def test_sleep_phi(loss_fn, vectorized):
 
 
 def test_sleep_phase_gives_model_no_gradient():
-    loss = SleepPhaseLoss(3, max_plate_nesting=1)
+    loss = SleepPhaseLoss(3, max_plate_nesting=1, vectorize_particles=False)
     value = loss.differentiable_loss(model, guide, X)
     value.backward()
     assert all(p.grad is None for p in params(THETA))

@@ -19,6 +19,15 @@ import torch
 from torch import nn
 
 
+def _data_plate(x: torch.Tensor, num_data: int | None):
+    """The data plate: the batch itself, or a minibatch of ``num_data`` points (scaled)."""
+    batch = x.shape[-2]
+    if num_data is None:
+        return pyro.plate("data", batch)
+    # the batch is the minibatch: no indices to draw, scale num_data / batch
+    return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
+
+
 class SBN(nn.Module):
     """
     :param int x_dim: number of binary pixels.
@@ -27,6 +36,10 @@ class SBN(nn.Module):
     ``model(x)`` and ``guide(x)`` take a batch ``x`` of shape ``(batch, x_dim)``. With
     ``num_data`` set, the data plate has that full size and the batch is treated as a minibatch
     (scale ``num_data / batch``).
+
+    Parameters are registered in Pyro's param store under fixed names ("sbn_generative",
+    "sbn_inference"): clear the store (``pyro.clear_param_store()``) before training a second
+    SBN in the same process.
     """
 
     def __init__(self, x_dim: int, latent_dims: Sequence[int] = (200,)):
@@ -54,7 +67,7 @@ class SBN(nn.Module):
         pyro.module("sbn_generative", self.generative)
         prior = self.prior_logits
         batch = x.shape[-2]
-        with pyro.plate("data", num_data or batch, subsample_size=batch if num_data else None):
+        with _data_plate(x, num_data):
             top = len(self.latent_dims)
             h = pyro.sample(
                 f"h{top}", dist.Bernoulli(logits=prior).expand([batch, prior.shape[-1]]).to_event(1)
@@ -66,9 +79,8 @@ class SBN(nn.Module):
             pyro.sample("x", dist.Bernoulli(logits=self.decoders[0](h)).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
-        pyro.module("sbn_encoders", self.encoders)
-        batch = x.shape[-2]
-        with pyro.plate("data", num_data or batch, subsample_size=batch if num_data else None):
+        pyro.module("sbn_inference", self.encoders)
+        with _data_plate(x, num_data):
             h = x
             for layer, encoder in enumerate(self.encoders, start=1):
                 h = pyro.sample(f"h{layer}", dist.Bernoulli(logits=encoder(h)).to_event(1))
