@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Wake-sleep family of inference algorithms for Pyro."""
 
+from .adversarial import ALI, GAN, AdversarialStats, BiGAN
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .rws import RWS, ReweightedWakeSleep
@@ -12,6 +13,10 @@ from .wake_sleep import WakeSleepELBO
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALI",
+    "AdversarialStats",
+    "BiGAN",
+    "GAN",
     "RWS",
     "EffectiveSampleSizeWarning",
     "ReweightedWakeSleep",
