@@ -50,7 +50,13 @@ def find_binarized_mnist() -> Path | None:
 
 
 def load_binarized_mnist(path: str | os.PathLike, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """``{"train", "valid", "test"}`` tensors of shape ``(n, 784)`` with values in {0, 1}."""
+    """
+    ``{"train", "valid", "test"}`` tensors of shape ``(n, 784)`` with values in {0, 1}.
+
+    .. warning:: The splits are stored in file order, and the test split of the standard file is
+        sorted by digit: evaluate on a random subset (``test[torch.randperm(len(test))[:n]]``),
+        never on ``test[:n]``.
+    """
     with np.load(path) as archive:
         return {
             split: torch.as_tensor(

@@ -1,0 +1,292 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+Per-step time and peak memory of ``pyro_rws.ReweightedWakeSleep`` against Pyro's built-in
+``pyro.infer.ReweightedWakeSleep`` and a hand-written PyTorch implementation of the same
+estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in one process.
+
+    python benchmarks/step_time.py                      # MNIST 784-200 if present, else digits
+    python benchmarks/step_time.py --data digits --layers 16
+    python benchmarks/step_time.py --particles 5,20 --batch-sizes 32 --rounds 5 --no-memory
+
+Timing: the step functions share one SBN and one ``torch.optim.Adam``; they run interleaved in
+``--rounds`` rounds (order reversed every other round), each a block of steps sized to take about
+``--block-seconds``; the table gives the median over rounds of ms/step. Pyro's validation is
+disabled for all (``pyro.enable_validation(False)``); one torch thread.
+
+Memory: for each configuration and step function a fresh subprocess builds the same SBN on
+random binary data of the same shape, runs one warm-up step, resets the RSS high-water mark
+(/proc/self/clear_refs) and reports the peak RSS of 3 more steps minus the RSS before them:
+the transient memory of a step (activations, autograd graph, gradients, allocator slack), in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from _common import hand_rws_loss, load_data, machine
+from pyro.infer import ReweightedWakeSleep as PyroRWS
+
+from pyro_rws import RWS
+from pyro_rws.examples.sbn import SBN
+
+NAMES = ("ours", "ours-svi", "pyro", "hand")
+LABELS = {
+    "ours": "pyro_rws RWS (differentiable_loss + backward)",
+    "ours-svi": "pyro_rws RWS (loss_and_grads, the SVI path)",
+    "pyro": "pyro.infer.ReweightedWakeSleep (loss_and_grads)",
+    "hand": "hand-written PyTorch",
+}
+
+
+def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
+    optim = torch.optim.Adam(sbn.parameters(), lr=lr)
+    ours = RWS(num_particles=K, insomnia=1.0, max_plate_nesting=1)
+    theirs = PyroRWS(num_particles=K, insomnia=1.0, vectorize_particles=True, max_plate_nesting=1)
+
+    def step_ours(x):
+        optim.zero_grad()
+        ours.differentiable_loss(sbn.model, sbn.guide, x).backward()
+        optim.step()
+
+    def step_ours_svi(x):
+        optim.zero_grad()
+        ours.loss_and_grads(sbn.model, sbn.guide, x)
+        optim.step()
+
+    def step_pyro(x):
+        optim.zero_grad()
+        theirs.loss_and_grads(sbn.model, sbn.guide, x)
+        optim.step()
+
+    def step_hand(x):
+        optim.zero_grad()
+        hand_rws_loss(sbn, x, K).backward()
+        optim.step()
+
+    return {"ours": step_ours, "ours-svi": step_ours_svi, "pyro": step_pyro, "hand": step_hand}
+
+
+def check_same_gradient(sbn: SBN, x: torch.Tensor, K: int) -> float:
+    """Max abs difference of the gradients of ours and hand-written for the same seed."""
+    grads = []
+    for fn in (
+        lambda: RWS(num_particles=K, max_plate_nesting=1).differentiable_loss(
+            sbn.model, sbn.guide, x
+        ),
+        lambda: hand_rws_loss(sbn, x, K),
+    ):
+        sbn.zero_grad()
+        pyro.set_rng_seed(123)
+        fn().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in sbn.parameters()]))
+        sbn.zero_grad()
+    return float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+
+
+def batches(train: torch.Tensor, B: int):
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        yield train[torch.randint(len(train), (B,), generator=gen)]
+
+
+def time_config(train, layers, K, B, rounds, block_seconds, names):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    sbn = SBN(train.shape[-1], layers)
+    steps = make_steps(sbn, K)
+    data = batches(train, B)
+    x0 = next(data)
+    rel_err = check_same_gradient(sbn, x0, K)
+    # warm-up and calibration: the block size makes one block take about block_seconds
+    per_step = {}
+    for name in names:
+        for _ in range(3):
+            steps[name](next(data))
+        t0 = time.perf_counter()
+        for _ in range(3):
+            steps[name](next(data))
+        per_step[name] = (time.perf_counter() - t0) / 3
+    block = max(2, round(block_seconds / max(per_step.values())))
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            xs = [next(data) for _ in range(block)]
+            t0 = time.perf_counter()
+            for x in xs:
+                steps[name](x)
+            times[name].append(1000 * (time.perf_counter() - t0) / block)
+    return {n: statistics.median(t) for n, t in times.items()}, block, rel_err
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process in KiB (Linux)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0])
+    return values
+
+
+def memory_child(args) -> None:
+    """
+    Subprocess entry: the peak resident memory (MiB) that 3 steps of one step function need
+    beyond the process's resident memory before them. After building the SBN and one warm-up
+    step (which allocates Adam's state and any lazily created buffers), the RSS high-water mark
+    is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0); the figure is VmHWM after 3
+    steps minus VmRSS before them: activations, the autograd graph, gradients and allocator
+    slack, not the parameters or the optimizer state. Falls back to ``ru_maxrss`` differences.
+    """
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    pyro.set_rng_seed(0)
+    layers = tuple(int(t) for t in args.layers.split(","))
+    sbn = SBN(args.x_dim, layers)
+    steps = make_steps(sbn, args.K)
+    x = torch.bernoulli(torch.full((args.B, args.x_dim), 0.3))
+    steps[args.child](x)
+    gc.collect()
+    try:
+        before = _proc_status()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM"
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        method = "ru_maxrss"
+    for _ in range(3):
+        steps[args.child](x)
+    if method == "VmHWM":
+        after = _proc_status()["VmHWM"]
+    else:
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mib": (after - before) / 1024, "method": method}))
+
+
+def measure_memory(name, x_dim, layers, K, B) -> float:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--x-dim",
+        str(x_dim),
+        "--layers",
+        ",".join(map(str, layers)),
+        "--K",
+        str(K),
+        "--B",
+        str(B),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["mib"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--data", default="auto", help="auto (MNIST if found, else digits), mnist, digits"
+    )
+    p.add_argument("--layers", default=None, help="latent layers, e.g. 200 or 200,200,200")
+    p.add_argument("--particles", default="5,20,50")
+    p.add_argument("--batch-sizes", default="32,256")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--block-seconds", type=float, default=0.25)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory table")
+    p.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    p.add_argument("--json", default=None, help="also write the results here")
+    # subprocess mode (memory)
+    p.add_argument("--child", choices=NAMES, help=argparse.SUPPRESS)
+    p.add_argument("--x-dim", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--K", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--B", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        memory_child(args)
+        return 0
+
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    loaded = load_data(args.data)
+    if loaded is None:
+        print("binarized MNIST not found", file=sys.stderr)
+        return 1
+    train, _, label = loaded
+    layers = tuple(
+        int(t) for t in (args.layers or ("200" if "MNIST" in label else "16")).split(",")
+    )
+    Ks = [int(t) for t in args.particles.split(",")]
+    Bs = [int(t) for t in args.batch_sizes.split(",")]
+    names = list(NAMES)
+    arch = "-".join(map(str, (train.shape[-1], *layers)))
+    print(f"# step time: SBN {arch} on {label}")
+    print(f"# {machine()}")
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; validation off; {args.rounds} interleaved rounds"
+    )
+    print()
+    if not args.no_timing:
+        print(
+            "| K | B | ours ms | ours (SVI path) ms | Pyro RWS ms | hand ms | ours/hand "
+            "| ours/Pyro | steps/block | grad rel. diff ours vs hand |"
+        )
+    if not args.no_timing:
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    results = [{"K": K, "B": B} for B in Bs for K in Ks]
+    for row in results if not args.no_timing else []:
+        K, B = row["K"], row["B"]
+        ms, block, rel_err = time_config(
+            train, layers, K, B, args.rounds, args.block_seconds, names
+        )
+        row.update(ms=ms, block=block, grad_rel_diff=rel_err)
+        print(
+            f"| {K} | {B} | {ms['ours']:.2f} | {ms['ours-svi']:.2f} | {ms['pyro']:.2f} "
+            f"| {ms['hand']:.2f} | {ms['ours'] / ms['hand']:.2f} "
+            f"| {ms['ours'] / ms['pyro']:.2f} "
+            f"| {block} | {rel_err:.1e} |",
+            flush=True,
+        )
+    if not args.no_memory:
+        print()
+        print("Peak RSS of a step above the RSS before it (MiB; subprocess per cell, VmHWM reset):")
+        print()
+        print("| K | B | ours | ours (SVI path) | Pyro RWS | hand | ours/hand | ours/Pyro |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for row in results:
+            mem = {n: measure_memory(n, train.shape[-1], layers, row["K"], row["B"]) for n in names}
+            row["peak_rss_mib"] = mem
+
+            def ratio(a, b):
+                return f"{a / b:.2f}" if b > 0.5 else "n/a"
+
+            print(
+                f"| {row['K']} | {row['B']} | {mem['ours']:.1f} | {mem['ours-svi']:.1f} "
+                f"| {mem['pyro']:.1f} | {mem['hand']:.1f} | {ratio(mem['ours'], mem['hand'])} "
+                f"| {ratio(mem['ours'], mem['pyro'])} |",
+                flush=True,
+            )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"arch": arch, "data": label, "machine": machine(), "rows": results}, indent=1
+            )
+        )
+    return 0 if all(math.isfinite(r.get("ms", {}).get("ours", 0.0)) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
