@@ -9,9 +9,10 @@ wall-clock budget per run, test NLL next to the published figures (experiments.m
     python benchmarks/mnist_sbn.py --estimators rws --particles 5,20 --minutes 30
 
 Budget: --minutes of training per run (evaluation excluded) or --steps, whichever ends first.
-Test NLL: -log_evidence (importance sampling with the trained guide, K=--eval-particles) on the
---eval-points test images (the test split shuffled once with seed 0: it is stored sorted by digit); an upper bound on the true NLL in expectation. Results go to
---out (JSON, rewritten after every run) and a markdown table on stdout. Skips (exit 0) when
+Test NLL: -log_evidence (importance sampling with the trained guide, K=--eval-particles) on
+--eval-points test images (the test split is shuffled once with seed 0: it is stored sorted by
+digit); an upper bound on the true NLL in expectation. Results go to --out (JSON, rewritten
+after every run) and a markdown table on stdout. Skips (exit 0) when
 binarized MNIST is not found.
 """
 

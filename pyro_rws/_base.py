@@ -23,7 +23,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
 from ._sleep import guide_inputs, sleep_log_q
-from ._traces import guess_plate_nesting, sleep_traces
+from ._traces import guess_plate_nesting, sleep_traces, wake_traces
 from .diagnostics import ESSMonitor, StepStats
 
 
@@ -153,6 +153,19 @@ class WakeSleepLoss(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("pyro_rws losses build their traces in _terms")
+
+    def _wake_traces(self, model, guide, args, kwargs, plate_nesting, detach=True):
+        """K particles from the guide, the model replayed on them (see ``wake_traces``)."""
+        return wake_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+            detach=detach,
+        )
 
     def _plate_nesting(self, model, guide, args, kwargs) -> int:
         if self.max_plate_nesting == math.inf:

@@ -11,7 +11,7 @@ from pyro.util import warn_if_nan
 
 from ._base import WakeSleepLoss, check_count, check_fraction
 from ._sleep import FantasyArgs, check_fantasy_args
-from ._traces import subsample_sites, wake_traces
+from ._traces import subsample_sites
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
@@ -136,15 +136,7 @@ class ReweightedWakeSleep(WakeSleepLoss):
                 StepStats(sleep_phi.detach(), sleep_phi=sleep_phi.detach()),
             )
 
-        runs = wake_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=self.num_particles,
-            vectorize=self.vectorize_particles,
-            plate_nesting=plate_nesting,
-        )
+        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting)
         lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
         log_w = lw.log_p.detach() - lw.log_q.detach()
         bound_n = log_mean_exp(log_w)

@@ -10,7 +10,6 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
 from ._base import WakeSleepLoss
-from ._traces import wake_traces
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
@@ -99,16 +98,7 @@ class VIMCO(WakeSleepLoss):
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        runs = wake_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=self.num_particles,
-            vectorize=self.vectorize_particles,
-            plate_nesting=plate_nesting,
-            detach=False,
-        )
+        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting, detach=False)
         lw = log_weights(
             runs,
             plate_nesting=plate_nesting,

@@ -12,7 +12,7 @@ from pyro.util import warn_if_nan
 
 from ._base import WakeSleepLoss, check_count
 from ._sleep import FantasyArgs, check_fantasy_args
-from ._traces import subsample_sites, wake_traces
+from ._traces import subsample_sites
 from ._weights import check_finite_elbo, effective_sample_size, log_weights
 from .diagnostics import StepStats
 
@@ -104,15 +104,7 @@ class WakeSleepELBO(WakeSleepLoss):
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        runs = wake_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=self.num_particles,
-            vectorize=self.vectorize_particles,
-            plate_nesting=plate_nesting,
-        )
+        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting)
         wake_q = self.phase_q == "wake"
         lw = log_weights(
             runs,

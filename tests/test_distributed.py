@@ -32,8 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.trace_struct import Trace
+from discrete import FixFantasies, fixed_trace
 from torch.nn.parallel import DistributedDataParallel
 
 from pyro_rws import RWS, VIMCO, SleepPhaseLoss, WakeSleepELBO
@@ -103,27 +102,7 @@ def rows_of(values: dict, rows: slice) -> dict:
 
 def with_draws(guide, draws: dict):
     """``guide`` with every latent replayed from ``draws``."""
-    trace = Trace()
-    for name, value in draws.items():
-        trace.add_node(name, type="sample", is_observed=False, value=value, infer={})
-    return poutine.replay(guide, trace=trace)
-
-
-class FixFantasies(Messenger):
-    """
-    Used as the outermost handler: gives the sample sites that nothing else decided (the model's
-    unconditioned run of the sleep phase) the values in ``values``. The wake phase's sites are
-    replayed or observed, and so left alone.
-    """
-
-    def __init__(self, values: dict):
-        super().__init__()
-        self.values = values
-
-    def _pyro_sample(self, msg):
-        if msg["name"] in self.values and not msg["done"] and not msg["is_observed"]:
-            msg["value"] = self.values[msg["name"]]
-            msg["done"] = True
+    return poutine.replay(guide, trace=fixed_trace(**draws))
 
 
 def loss_module(sbn: SBN, loss, draws: dict | None = None):
