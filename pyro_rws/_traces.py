@@ -160,8 +160,7 @@ class _RejectEnumeration(poutine.messenger.Messenger):
 
 def check_wake_match(model_trace: Trace, guide_trace: Trace) -> None:
     """Raise unless the guide samples exactly the model's latent sites (plus auxiliary ones)."""
-    _check_enumeration(guide_trace, "guide")
-    _check_enumeration(model_trace, "model")
+    _check_enumeration(guide_trace, "guide")  # the model's are checked during its replayed run
     model_latents = {n for n, s in model_trace.nodes.items() if is_latent(s)}
     guide_latents = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
     missing = model_latents - guide_latents
@@ -213,7 +212,7 @@ def sleep_traces(
     sites of the wake phase) is replayed so both phases see the same minibatch.
     """
     _check_guide(guide)
-    model = _Uncondition()(model)
+    model = Uncondition()(model)
     if vectorize:
         model = in_particle_plate(model, num_particles, plate_nesting)
         guide = in_particle_plate(guide, num_particles, plate_nesting)
@@ -234,7 +233,7 @@ def sleep_traces(
     return runs
 
 
-class _Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
+class Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
     """
     ``poutine.uncondition`` except at ``pyro.deterministic`` sites, which keep their value: a
     Delta resampled inside plates would take the plate shape on top of its event shape.
@@ -255,22 +254,30 @@ def is_fantasy(site: dict) -> bool:
     )
 
 
-def check_sleep_model(model_trace: Trace) -> None:
+def reject_factors(model_trace: Trace, who: str, remedy: str) -> None:
+    """Ancestral sampling ignores ``pyro.factor``: raise if an unconditioned run met one."""
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and site_is_factor(site):
             raise ValueError(
-                f"the model contains pyro.factor site '{name}'. The sleep phase draws fantasies "
-                "by ancestral sampling, which ignores factors, so it would train the guide on "
-                "the wrong distribution. Use the wake phase only (insomnia=1.0 for "
-                "ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO), or write the factor as "
-                "an observed sample site."
+                f"the model contains pyro.factor site '{name}'. {who} draws samples from the "
+                f"model by ancestral sampling, which ignores factors. {remedy}"
             )
+
+
+def check_sleep_model(model_trace: Trace) -> None:
+    reject_factors(
+        model_trace,
+        "The sleep phase",
+        "It would train the guide on the wrong distribution: use the wake phase only "
+        "(insomnia=1.0 for ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO), or write the "
+        "factor as an observed sample site.",
+    )
     _check_enumeration(model_trace, "model")
 
 
 def check_sleep_match(model_trace: Trace, guide_trace: Trace) -> None:
     """Raise unless the guide samples exactly the model's latents (no auxiliary sites)."""
-    _check_enumeration(guide_trace, "guide")
+    # the guide's enumeration flags are checked during its replayed run (_RejectEnumeration)
     model_latents = {
         n
         for n, s in model_trace.nodes.items()

@@ -82,12 +82,18 @@ from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_factor
 from pyro.util import warn_if_nan
 from torch.func import functional_call
 
 from ._base import WakeSleepLoss
-from ._traces import is_auxiliary, is_fantasy, is_latent, subsample_sites
+from ._traces import (
+    Uncondition,
+    is_auxiliary,
+    is_fantasy,
+    is_latent,
+    reject_factors,
+    subsample_sites,
+)
 
 UPDATES = ("both", "generator", "discriminator")
 
@@ -298,14 +304,8 @@ class AdversarialLoss(WakeSleepLoss):
         """Run the model once, unconditioned: z ~ p(z), x~ ~ p(x|z); the data stay in infer."""
         if minibatch is not None:
             model = poutine.replay(model, trace=minibatch)
-        trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and site_is_factor(site):
-                raise ValueError(
-                    f"the model contains pyro.factor site '{name}'. Adversarial losses draw "
-                    "model samples by ancestral sampling, which ignores factors; write the "
-                    "model as a sampling program."
-                )
+        trace = poutine.trace(Uncondition()(model)).get_trace(*args, **kwargs)
+        reject_factors(trace, type(self).__name__, "Write the model as a sampling program.")
         observed = [name for name, site in trace.nodes.items() if is_fantasy(site)]
         if not observed:
             raise ValueError(
