@@ -1,92 +1,45 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-The shared skeleton of every loss: argument checks, plate nesting, the three public methods.
+The two base classes of the losses.
 
-A subclass implements one method, :meth:`WakeSleepLoss._terms`, returning the loss *value*, a
-*surrogate* whose gradient is the estimator, and the :class:`~pyro_rws.diagnostics.StepStats`
-of the step. ``loss``, ``loss_and_grads`` and ``differentiable_loss`` all go through it, so the
-three agree for the same random seed.
+:class:`Loss` turns one method, ``_terms``, into Pyro's three (``loss``, ``loss_and_grads``,
+``differentiable_loss``) and into a :class:`torch.nn.Module` (``__call__``), so the three agree
+for the same random seed. :class:`WakeSleepLoss` adds what the wake-sleep estimators share:
+particles, plate nesting, the wake and sleep phases, the fantasy arguments and the watch on the
+effective sample size.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 
 import torch
 from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
-from pyro.infer.util import is_validation_enabled
-from pyro.util import warn_if_nan
 
-from ._sleep import guide_inputs, sleep_log_q
-from ._traces import guess_plate_nesting, sleep_traces, wake_traces
+from ._args import check_count
+from ._fantasy import FantasyArgs, check_fantasy_args
+from ._sleep import SleepState, sleep_phi
+from ._structure import check_guide
+from ._traces import guess_plate_nesting, wake_traces
 from .diagnostics import ESSMonitor, StepStats
 
 
-def check_count(name: str, value, minimum: int, why: str = "") -> int:
-    """``value`` as an int, or a ValueError/TypeError that says what was expected."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}{why}, got {value}")
-    return int(value)
-
-
-def check_fraction(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
-class WakeSleepLoss(ELBO):
+class Loss(ELBO):
     """
-    Base class of the pyro_rws losses (not used directly).
-
-    :param int num_particles: number of particles K drawn from the guide per datapoint.
-    :param int max_plate_nesting: bound on nested :func:`pyro.plate` contexts in model and guide,
-        *not* counting the particle plate. Guessed by running model and guide once if omitted
-        (assumes static structure; the guess does not consume random numbers).
-    :param bool vectorize_particles: draw all particles in one run inside a particle plate (fast;
-        needs static structure). If False, one run per particle, which allows structure that
-        differs between particles (stochastic control flow).
-    :param bool retain_graph: passed to ``backward`` in :meth:`loss_and_grads`.
-
-    After each call, :attr:`stats` holds the :class:`~pyro_rws.diagnostics.StepStats` of it.
+    A loss computed by one method, ``_terms(model, guide, args, kwargs)``, which returns the
+    detached *value*, a *surrogate* whose gradient is the estimator, and the step's statistics
+    (kept in :attr:`stats`). Not used directly.
     """
 
-    def __init__(
-        self,
-        num_particles: int = 1,
-        max_plate_nesting: int | float = math.inf,
-        vectorize_particles: bool = True,
-        retain_graph: bool | None = None,
-        *,
-        min_particles: int = 1,
-        why_min: str = "",
-    ):
-        num_particles = check_count("num_particles", num_particles, min_particles, why_min)
-        if max_plate_nesting != math.inf:
-            max_plate_nesting = check_count("max_plate_nesting", max_plate_nesting, 0)
-        super().__init__(
-            num_particles=num_particles,
-            max_plate_nesting=max_plate_nesting,
-            vectorize_particles=bool(vectorize_particles),
-            retain_graph=retain_graph,
-        )
-        # Pyro's ELBO adds one for the particle plate; here it counts the user's plates only.
-        self.max_plate_nesting = max_plate_nesting
-        self.stats: StepStats | None = None
-        self._ess_monitor = ESSMonitor()
+    def __init__(self, *, retain_graph: bool | None = None, **elbo_kwargs):
+        super().__init__(retain_graph=retain_graph, **elbo_kwargs)
+        self.stats = None
 
-    # ----------------------------------------------------------------------------------------
-    # public interface
-    # ----------------------------------------------------------------------------------------
     def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
         """
         A :class:`torch.nn.Module` whose ``forward(*args, **kwargs)`` is
@@ -133,8 +86,7 @@ class WakeSleepLoss(ELBO):
         :returns: a scalar tensor whose value is the loss and whose gradient, by one
             ``backward()``, is the estimator: for use with plain PyTorch optimizers, the module
             returned by ``loss(model, guide)``, PyTorch Lightning or DistributedDataParallel.
-            :attr:`stats` is updated; the low effective-sample-size warning is checked only by
-            :meth:`loss` and :meth:`loss_and_grads` (it needs a device synchronization).
+            :attr:`stats` is updated (with no device synchronization).
         :rtype: torch.Tensor
         """
         value, surrogate, stats = self._terms(model, guide, args, kwargs)
@@ -143,19 +95,85 @@ class WakeSleepLoss(ELBO):
             return value
         return value + (surrogate - surrogate.detach())
 
-    # ----------------------------------------------------------------------------------------
-    # for subclasses
-    # ----------------------------------------------------------------------------------------
     @abstractmethod
-    def _terms(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, StepStats]:
+    def _terms(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Returns ``(value, surrogate, stats)``: detached value, differentiable surrogate."""
         raise NotImplementedError
+
+    def _finish(self, value: torch.Tensor, stats) -> float:
+        """Store the stats and return the value as a float."""
+        self.stats = stats
+        return float(value)
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("pyro_rws losses build their traces in _terms")
 
-    def _wake_traces(self, model, guide, args, kwargs, plate_nesting, detach=True):
-        """K particles from the guide, the model replayed on them (see ``wake_traces``)."""
+
+class WakeSleepLoss(Loss):
+    """
+    What the wake-sleep losses share (not used directly). The parameters below are documented
+    on each public class.
+
+    :param int num_particles: particles K (for :class:`~pyro_rws.SleepPhaseLoss`, fantasies S).
+    :param int max_plate_nesting: nested plates, not counting the particle plate; guessed from
+        one run of the model if omitted.
+    :param bool vectorize_particles: one vectorized run for all particles, or one per particle.
+    :param fantasy_args: where the sleep phase puts fantasies in the guide's arguments.
+    :param int num_sleep_particles: fantasies per datapoint in the sleep phase, if any.
+    :param bool retain_graph: passed to ``backward`` in ``loss_and_grads``.
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: int | float = math.inf,
+        vectorize_particles: bool = True,
+        retain_graph: bool | None = None,
+        *,
+        fantasy_args: FantasyArgs = None,
+        num_sleep_particles: int | None = None,
+        min_particles: int = 1,
+        why_min: str = "",
+    ):
+        num_particles = check_count("num_particles", num_particles, min_particles, why_min)
+        if max_plate_nesting != math.inf:
+            max_plate_nesting = check_count("max_plate_nesting", max_plate_nesting, 0)
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=bool(vectorize_particles),
+            retain_graph=retain_graph,
+        )
+        # Pyro's ELBO adds one for the particle plate; here it counts the user's plates only.
+        self.max_plate_nesting = max_plate_nesting
+        self.num_sleep_particles = check_count(
+            "num_sleep_particles", 1 if num_sleep_particles is None else num_sleep_particles, 1
+        )
+        check_fantasy_args(fantasy_args)
+        self.fantasy_args = fantasy_args
+        self.stats: StepStats | None = None
+        self._ess_monitor = ESSMonitor()
+        self._sleep_state = SleepState()
+        self._checked_guides: set = set()
+
+    # ----------------------------------------------------------------------------------------
+    #: whether the loss scores the guide on fantasies (set by each estimator)
+    uses_sleep_phase: bool = False
+
+    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+        """``max_plate_nesting`` (guessed on the first call), after checking the guide once."""
+        key = (id(getattr(guide, "__func__", guide)), id(getattr(guide, "__self__", None)))
+        if key not in self._checked_guides:
+            message = check_guide(guide, self.uses_sleep_phase)
+            self._checked_guides.add(key)
+            if message is not None:
+                warnings.warn(message, UserWarning, stacklevel=4)
+        if self.max_plate_nesting == math.inf:
+            self.max_plate_nesting = guess_plate_nesting(model, args, kwargs)
+        return self.max_plate_nesting
+
+    def _wake(self, model, guide, args, kwargs, plate_nesting, detach=True):
+        """K particles from the guide, the model replayed on them: ``(runs, minibatch)``."""
         return wake_traces(
             model,
             guide,
@@ -167,44 +185,20 @@ class WakeSleepLoss(ELBO):
             detach=detach,
         )
 
-    def _plate_nesting(self, model, guide, args, kwargs) -> int:
-        if self.max_plate_nesting == math.inf:
-            self.max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
-        return self.max_plate_nesting
-
-    def _sleep_phi(self, model, guide, args, kwargs, *, num_particles, plate_nesting, minibatch):
-        """The sleep-phi loss ``-(1/S) sum_s log q(z_s | x_s)`` on fantasies (with graph)."""
-        fantasy_args = self.fantasy_args
-
-        def inputs(model_trace, a, kw, squeeze):
-            return guide_inputs(guide, fantasy_args, model_trace, a, kw, squeeze)
-
-        try:
-            runs = sleep_traces(
-                model,
-                guide,
-                args,
-                kwargs,
-                num_particles=num_particles,
-                vectorize=self.vectorize_particles,
-                plate_nesting=plate_nesting,
-                guide_inputs=inputs,
-                minibatch=minibatch,
-            )
-        except (RuntimeError, ValueError, IndexError) as e:
-            if self.vectorize_particles and num_particles > 1:
-                e.add_note(
-                    f"pyro_rws: with vectorize_particles=True and {num_particles} sleep "
-                    "particles, the guide receives fantasy observations with an extra leading "
-                    "particle dimension. If the guide reads plate sizes from its data (len(x)), "
-                    "read them from the right (x.shape[-2]), or use one sleep particle, or "
-                    "vectorize_particles=False."
-                )
-            raise
-        loss = -sleep_log_q(runs, num_particles)
-        if is_validation_enabled():
-            warn_if_nan(loss, "sleep-phi loss")
-        return loss
+    def _sleep_phi(self, model, guide, args, kwargs, plate_nesting, minibatch, num_particles):
+        """The sleep-phi loss on ``num_particles`` fantasies per datapoint (with graph)."""
+        return sleep_phi(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+            fantasy_args=self.fantasy_args,
+            state=self._sleep_state,
+            minibatch=minibatch,
+        )
 
     def _finish(self, value: torch.Tensor, stats: StepStats) -> float:
         """Store the stats, watch the effective sample size, return the value as a float."""

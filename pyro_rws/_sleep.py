@@ -1,183 +1,170 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
-"""
-Feeding fantasies to the guide in the sleep phase, and the sleep-phi term.
+r"""
+The sleep phase: fantasies from the model, the guide scored on them.
 
-The sleep phase runs the model unconditioned, giving fantasy observations ``x`` and latents
-``z``, and scores ``log q(z | x)``. The guide must therefore be called with the fantasy ``x``
-where it would read the data. Rules, in order:
+The model runs unconditioned with the caller's arguments, so each sleep particle makes one
+fantasy :math:`(x_s, z_s) \sim p_\theta(x, z)` per datapoint of the batch; the guide is called
+with the fantasy observations in place of the data (:mod:`pyro_rws._fantasy`) and replayed on
+the fantasy latents. The sleep-phi loss
 
-1. ``fantasy_args`` given as a callable ``(fantasies, *args, **kwargs) -> (args, kwargs)``:
-   it builds the guide's arguments from ``{site name: fantasy}``.
-2. ``fantasy_args`` given as a dict ``{site name: position or keyword or None}``: the fantasy
-   replaces that argument (``None``: the guide does not read this observation). If the model
-   observed a minibatch slice ``x[idx]`` of a subsampled plate, the fantasy is scattered into a
-   copy of the full argument at ``idx``.
-3. Otherwise, an observed site whose ``obs=`` value *is* (``is``, identity) one of the arguments
-   passed to the model has its fantasy put in that argument's place.
-4. A guide with an ``observations`` keyword (Pyro's convention) also receives
-   ``observations={site name: fantasy}``.
+.. math:: \mathcal{L}_\phi^{\text{sleep}} = -\frac{1}{S} \sum_{s=1}^S \log q_\phi(z_s | x_s)
 
-An observed site that none of these covers is an error that says how to fix it. The caller's
-``args`` and ``kwargs`` are never modified: new containers are built.
+is linear in the log-densities, so every scale (subsampling included) acts inside it.
+
+Several sleep particles run in one vectorized model run; the guide then receives fantasies
+with a leading particle dimension. A guide that cannot broadcast over it (it reads plate sizes
+from its data, ``len(x)``) is detected on the first step and run once per particle instead.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import pyro.poutine as poutine
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_factor
+from pyro.util import get_rng_state, set_rng_state, warn_if_nan
 
-from ._traces import is_fantasy, is_latent, plate_frames
+from ._fantasy import FantasyArgs, accepts_observations, guide_inputs
+from ._structure import (
+    RejectEnumeration,
+    check_model_guide_match,
+    check_site_enumeration,
+    is_latent,
+)
+from ._traces import in_particle_plate, replaying, subsample_sites
 from ._weights import site_log_prob
 
-FantasyArgs = Mapping[str, "int | str | None"] | Callable | None
+
+class Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
+    """
+    ``poutine.uncondition`` except at ``pyro.deterministic`` sites, which keep their value: a
+    Delta resampled inside plates would take the plate shape on top of its event shape.
+    """
+
+    def _pyro_sample(self, msg) -> None:
+        if not (msg["infer"] or {}).get("_deterministic"):
+            super()._pyro_sample(msg)
 
 
-def check_fantasy_args(fantasy_args: FantasyArgs) -> None:
-    """Validate the ``fantasy_args`` argument of a loss when it is constructed."""
-    if fantasy_args is None or callable(fantasy_args):
-        return
-    if not isinstance(fantasy_args, Mapping):
-        raise TypeError(
-            "fantasy_args must be None, a dict {observed site name: argument position (int), "
-            "keyword (str) or None}, or a callable (fantasies, *args, **kwargs) -> (args, kwargs);"
-            f" got {type(fantasy_args).__name__}"
-        )
-    for name, slot in fantasy_args.items():
-        if isinstance(slot, bool) or (slot is not None and not isinstance(slot, (int, str))):
-            raise TypeError(
-                f"fantasy_args[{name!r}] must be an argument position (int), a keyword (str) or "
-                f"None, got {slot!r}"
+def reject_factors(model_trace: Trace, who: str, remedy: str) -> None:
+    """Ancestral sampling ignores ``pyro.factor``: raise if an unconditioned run met one."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site_is_factor(site):
+            raise ValueError(
+                f"the model contains pyro.factor site '{name}'. {who} draws samples from the "
+                f"model by ancestral sampling, which ignores factors. {remedy}"
             )
 
 
-def _accepts_observations(guide: Callable) -> bool:
-    try:
-        param = inspect.signature(guide).parameters.get("observations")
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
+def _check_sleep_model(model_trace: Trace) -> None:
+    reject_factors(
+        model_trace,
+        "The sleep phase",
+        "It would train the guide on the wrong distribution: use the wake phase only "
+        "(insomnia=1.0 for ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO), or write the "
+        "factor as an observed sample site.",
     )
+    for name, site in model_trace.nodes.items():
+        if is_latent(site):
+            check_site_enumeration(name, site["infer"], "model")
 
 
-def _as_data(value: torch.Tensor, obs, squeeze: bool) -> torch.Tensor:
-    """The fantasy shaped and typed like the observation it replaces."""
-    if not torch.is_tensor(obs):
-        return value
-    value = value.to(obs.dtype)
-    lead = value.dim() - obs.dim()
-    if squeeze and lead >= 0 and value.shape[lead:] == obs.shape:
-        return value.reshape(obs.shape)
-    return value
+@dataclass
+class SleepState:
+    """What the sleep phase learns about a guide on its first step, kept by the loss."""
+
+    takes_observations: dict = field(default_factory=dict)
+    per_particle_guides: set = field(default_factory=set)
+    probed: bool = False
 
 
-def _scatter(current, site: dict, model_trace: Trace, value: torch.Tensor, name, slot):
-    """Write a minibatch fantasy into a copy of the full-data argument, at the subsample indices."""
-    obs = site["infer"]["obs"]
-    event_dim = site["fn"].event_dim
-    subsampled = [
-        f for f in plate_frames(site) if f.vectorized and f.full_size not in (None, f.size)
-    ]
-    if torch.is_tensor(current) and torch.is_tensor(obs) and len(subsampled) == 1:
-        frame = subsampled[0]
-        dim = frame.dim - event_dim
-        if (
-            current.dim() == obs.dim()
-            and current.dim() >= -dim
-            and current.shape[dim] == frame.full_size
-            and obs.shape[dim] == frame.size
-        ):
-            index = model_trace.nodes[frame.name]["value"]
-            lead = value.shape[: value.dim() - obs.dim()]
-            full = current.expand(*lead, *current.shape).to(current.dtype, copy=True)
-            return full.index_copy_(dim, index.to(full.device), value.to(full.dtype))
-    raise ValueError(
-        f"fantasy_args maps observed site '{name}' (obs of shape "
-        f"{tuple(getattr(obs, 'shape', ()))}) to argument {slot!r} of shape "
-        f"{tuple(getattr(current, 'shape', ()))}, and the fantasy "
-        "can neither replace it (shapes differ) nor be scattered into it along one subsampled "
-        "plate. Pass fantasy_args as a callable (fantasies, *args, **kwargs) -> (args, kwargs) "
-        "that builds the guide's arguments."
-    )
+def _guide_key(guide: Callable) -> tuple:
+    # bound methods are new objects at each attribute access: key on function and owner
+    return id(getattr(guide, "__func__", guide)), id(getattr(guide, "__self__", None))
 
 
-def guide_inputs(
+class _NotBroadcasting(Exception):
+    """The guide failed on fantasies with a leading particle dimension."""
+
+
+def _run(model, guide, args, kwargs, *, num_particles, vectorize, plate_nesting, route, minibatch):
+    model = Uncondition()(model)
+    if vectorize:
+        model = in_particle_plate(model, num_particles, plate_nesting)
+        guide = in_particle_plate(guide, num_particles, plate_nesting)
+    squeeze = not vectorize or num_particles == 1
+    guide = RejectEnumeration("guide")(guide)
+    runs = []
+    for _ in range(1 if vectorize else num_particles):
+        with torch.no_grad():
+            model_trace = poutine.trace(replaying(model, minibatch)).get_trace(*args, **kwargs)
+        _check_sleep_model(model_trace)
+        try:
+            guide_args, guide_kwargs = route(model_trace, args, kwargs, squeeze)
+            guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
+                *guide_args, **guide_kwargs
+            )
+            check_model_guide_match(model_trace, guide_trace, "sleep", plate_nesting)
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if vectorize and num_particles > 1:
+                raise _NotBroadcasting() from e
+            raise
+        if minibatch is None:
+            minibatch = subsample_sites(model_trace)
+        runs.append((model_trace, guide_trace))
+    return runs
+
+
+def sleep_traces(
+    model: Callable,
     guide: Callable,
-    fantasy_args: FantasyArgs,
-    model_trace: Trace,
     args: tuple,
     kwargs: dict,
-    squeeze: bool,
-) -> tuple[tuple, dict]:
-    """The ``(args, kwargs)`` to call the guide with on the fantasies in ``model_trace``."""
-    sites = {name: site for name, site in model_trace.nodes.items() if is_fantasy(site)}
-    values = {
-        name: _as_data(site["value"], site["infer"]["obs"], squeeze) for name, site in sites.items()
-    }
-    if callable(fantasy_args):
-        out = fantasy_args(values, *args, **kwargs)
-        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
-            raise TypeError(
-                "fantasy_args(fantasies, *args, **kwargs) must return a pair (args, kwargs), got "
-                f"{type(out).__name__}"
-            )
-        return tuple(out[0]), dict(out[1])
+    *,
+    num_particles: int,
+    vectorize: bool,
+    plate_nesting: int,
+    fantasy_args: FantasyArgs,
+    state: SleepState,
+    minibatch: Trace | None = None,
+    probe: Callable | None = None,
+) -> list[tuple[Trace, Trace]]:
+    """
+    Draw fantasies ``(x, z) ~ p(x, z)`` and replay the guide on them, with the fantasy
+    observations as its inputs. The model runs under ``torch.no_grad()``: fantasies are data
+    for the guide and model parameters receive no sleep gradient. ``minibatch`` (subsample
+    sites of the wake phase) is replayed so both phases see the same minibatch. ``probe`` may
+    rewrite the guide's inputs.
+    """
+    key = _guide_key(guide)
+    if key not in state.takes_observations:
+        state.takes_observations[key] = accepts_observations(guide)
+    takes_observations = state.takes_observations[key]
 
-    mapping = dict(fantasy_args or {})
-    unknown = sorted(set(mapping) - set(sites))
-    if unknown:
-        raise ValueError(
-            f"fantasy_args names {unknown}, which are not observed sites of the model "
-            f"(observed sites: {sorted(sites)})"
-        )
-    new_args, new_kwargs = list(args), dict(kwargs)
-    takes_observations = "observations" in kwargs or _accepts_observations(guide)
-    unmatched = []
-    for name, site in sites.items():
-        obs = site["infer"]["obs"]
-        if name in mapping:
-            slots = [] if mapping[name] is None else [mapping[name]]
-        else:
-            slots = [i for i, a in enumerate(args) if a is obs]
-            slots += [k for k, v in kwargs.items() if v is obs]
-            if not slots and not takes_observations:
-                unmatched.append(name)
-        for slot in slots:
-            container = new_args if isinstance(slot, int) else new_kwargs
-            if (isinstance(slot, int) and not -len(args) <= slot < len(args)) or (
-                isinstance(slot, str) and slot not in kwargs
-            ):
-                raise ValueError(
-                    f"fantasy_args maps site '{name}' to argument {slot!r}, but the model was "
-                    f"called with {len(args)} positional argument(s) and keywords {sorted(kwargs)}"
-                )
-            current = container[slot]
-            if current is obs or (
-                torch.is_tensor(current) and torch.is_tensor(obs) and current.shape == obs.shape
-            ):
-                container[slot] = values[name].to(current.dtype)
-            else:
-                container[slot] = _scatter(current, site, model_trace, values[name], name, slot)
-    if unmatched:
-        raise ValueError(
-            "the sleep phase calls the guide with fantasy observations in place of the data, but "
-            f"observed site(s) {unmatched} do not take their obs= value from an argument of the "
-            "model (the obs tensor is not one of the arguments itself: e.g. a slice x[idx] under "
-            "subsampling, a transformed copy, or a pyro.condition-ed model). Say where each "
-            "fantasy goes: fantasy_args={'x': 0} (argument position) or {'x': 'data'} (keyword),"
-            " None for an observation the guide does not read, or a callable "
-            "fantasy_args=lambda fantasies, *args, **kwargs: (args, kwargs); or give the guide "
-            "an `observations=None` keyword (Pyro's convention), which receives "
-            "{site name: fantasy}."
-        )
-    if takes_observations:
-        new_kwargs["observations"] = values
-    return tuple(new_args), new_kwargs
+    def route(model_trace, a, kw, squeeze):
+        inputs = guide_inputs(takes_observations, fantasy_args, model_trace, a, kw, squeeze)
+        return inputs if probe is None else probe(inputs, a, kw)
+
+    run = dict(plate_nesting=plate_nesting, route=route, minibatch=minibatch)
+    if not vectorize or num_particles == 1 or key in state.per_particle_guides:
+        return _run(model, guide, args, kwargs, num_particles=num_particles, vectorize=False, **run)
+    rng = get_rng_state()
+    try:
+        return _run(model, guide, args, kwargs, num_particles=num_particles, vectorize=True, **run)
+    except _NotBroadcasting:
+        # The guide does not broadcast over a leading particle dimension of its inputs (e.g.
+        # it reads plate sizes as len(x)): run it once per particle from now on, on the same
+        # random draws, so that loss and loss_and_grads agree for the same seed whichever
+        # call found this out.
+        set_rng_state(rng)
+        state.per_particle_guides.add(key)
+        return _run(model, guide, args, kwargs, num_particles=num_particles, vectorize=False, **run)
 
 
 def sleep_log_q(runs: list[tuple[Trace, Trace]], num_particles: int) -> torch.Tensor:
@@ -185,9 +172,115 @@ def sleep_log_q(runs: list[tuple[Trace, Trace]], num_particles: int) -> torch.Te
     ``(1/S) sum_s sum_sites log q(z_s | x_s)`` over sleep runs, all scales (including the
     subsample scale) applied: the sleep-phi objective is linear, so no weights are needed.
     """
-    total = 0.0
-    for _, guide_trace in runs:
-        for site in guide_trace.nodes.values():
-            if is_latent(site):
-                total = total + site_log_prob(site).sum()
-    return total / num_particles
+    terms = [
+        site_log_prob(site).sum()
+        for _, guide_trace in runs
+        for site in guide_trace.nodes.values()
+        if is_latent(site)
+    ]
+    if not terms:  # a model without latent variables: nothing for the guide to learn
+        return torch.zeros((), dtype=torch.get_default_dtype(), device=_device(runs))
+    return sum(terms[1:], terms[0]) / num_particles
+
+
+def _device(runs) -> torch.device:
+    for model_trace, _ in runs:
+        for site in model_trace.nodes.values():
+            if torch.is_tensor(site.get("value")):
+                return site["value"].device
+    return torch.device("cpu")
+
+
+def sleep_phi(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    vectorize: bool,
+    plate_nesting: int,
+    fantasy_args: FantasyArgs,
+    state: SleepState,
+    minibatch: Trace | None = None,
+) -> torch.Tensor:
+    """
+    The sleep-phi loss ``-(1/S) sum_s log q(z_s | x_s)`` on fantasies (with graph). On the
+    first step with gradients, the fantasies handed to the guide are watched: a guide that reads
+    at most their shapes is not amortized, cannot learn from the sleep phase, and gets a warning.
+    """
+    probe = _Probe() if not state.probed and torch.is_grad_enabled() else None
+    runs = sleep_traces(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles=num_particles,
+        vectorize=vectorize,
+        plate_nesting=plate_nesting,
+        fantasy_args=fantasy_args,
+        state=state,
+        minibatch=minibatch,
+        probe=probe,
+    )
+    loss = -sleep_log_q(runs, num_particles)
+    if probe is not None:
+        state.probed = True
+        if probe.watched and not _Watched.read and loss.requires_grad:
+            warnings.warn(
+                "the guide does not read the values of the fantasy observations it is called "
+                "with in the sleep phase (at most their shapes), so the sleep phase fits it to "
+                "the prior p(z), not to the posterior of your data. A non-amortized guide "
+                "(parameters per datapoint, not computed from x) cannot be trained by the "
+                "sleep phase: use the wake phase (ReweightedWakeSleep with insomnia=1.0, or "
+                "WakeSleepELBO(phase_q='wake')), or compute the guide's parameters from x.",
+                UserWarning,
+                stacklevel=5,
+            )
+        _Watched.read = False
+    if is_validation_enabled():
+        warn_if_nan(loss, "sleep-phi loss")
+    return loss
+
+
+_METADATA = {"__len__", "size", "dim", "ndimension", "numel", "nelement", "is_floating_point"}
+_METADATA_PROPERTIES = {"shape", "ndim", "device", "dtype", "is_cuda", "layout", "requires_grad"}
+
+
+class _Watched(torch.Tensor):
+    """A fantasy that records whether anything but its metadata (shape, dtype) was read."""
+
+    read = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        prop = getattr(getattr(func, "__self__", None), "__name__", None)
+        if name not in _METADATA and not (name == "__get__" and prop in _METADATA_PROPERTIES):
+            _Watched.read = True
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+class _Probe:
+    """Hands the guide its fantasy inputs as :class:`_Watched` tensors (first step only)."""
+
+    def __init__(self):
+        self.watched = False
+        _Watched.read = False
+
+    def _watch(self, value, originals):
+        if torch.is_tensor(value) and all(value is not o for o in originals):
+            self.watched = True
+            return value.as_subclass(_Watched)
+        return value
+
+    def __call__(self, inputs, caller_args, caller_kwargs):
+        guide_args, guide_kwargs = inputs
+        originals = list(caller_args) + list(caller_kwargs.values())
+        guide_args = tuple(self._watch(a, originals) for a in guide_args)
+        guide_kwargs = {k: self._watch(v, originals) for k, v in guide_kwargs.items()}
+        observations = guide_kwargs.get("observations")
+        if isinstance(observations, dict):
+            guide_kwargs["observations"] = {k: self._watch(v, ()) for k, v in observations.items()}
+        return guide_args, guide_kwargs

@@ -26,7 +26,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
 
-from ._traces import is_deterministic, is_latent, is_sample, plate_frames
+from ._structure import is_deterministic, is_latent, is_sample, plate_frames
 
 
 @dataclass
@@ -44,15 +44,10 @@ class LogWeights:
     log_q: torch.Tensor
     log_q_score: torch.Tensor | None
     scale: float
-    batch_plates: tuple[str, ...]
 
     @property
     def log_w(self) -> torch.Tensor:
         return self.log_p - self.log_q
-
-    @property
-    def num_particles(self) -> int:
-        return self.log_p.shape[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +68,14 @@ def _full_size(frame) -> int:
     return frame.size if frame.full_size is None else frame.full_size
 
 
-def _batch_plates(runs, per_datapoint: bool) -> tuple[dict, float]:
+#: What to do about a subsampled plate that does not enclose every site, for the losses.
+SUBSAMPLE_REMEDY = (
+    "Put every latent inside the data plate, or train without subsampling, or use a loss that "
+    "is linear in the log-weights (WakeSleepELBO with phase_q='sleep', or SleepPhaseLoss)."
+)
+
+
+def _batch_plates(runs, per_datapoint: bool, remedy: str) -> tuple[dict, float]:
     """
     The frames of plates enclosing every site (by name), and the product of their subsample
     factors. Raises if a subsampled plate does not enclose every site, because then its factor
@@ -97,9 +99,7 @@ def _batch_plates(runs, per_datapoint: bool) -> tuple[dict, float]:
                     f"enclose site(s) {outside}. Importance weights are then joint across the "
                     "minibatch, and a log-sum-exp over particles of a joint weight has no "
                     f"unbiased minibatch estimate (the {_full_size(f)}/{f.size} scale would act "
-                    "inside the weights). Put every latent inside the data plate, or train "
-                    "without subsampling, or use a loss that is linear in the log-weights "
-                    "(WakeSleepELBO with phase_q='sleep', or SleepPhaseLoss)."
+                    f"inside the weights). {remedy}"
                 )
     scale = float(math.prod(_full_size(f) / f.size for f in frames.values()))
     return frames, scale
@@ -144,6 +144,7 @@ def log_weights(
     vectorized: bool,
     per_datapoint: bool = True,
     score_parts: bool = False,
+    subsample_remedy: str = SUBSAMPLE_REMEDY,
 ) -> LogWeights:
     """
     Build :class:`LogWeights` from wake-phase runs (see :func:`pyro_rws._traces.wake_traces`).
@@ -154,8 +155,10 @@ def log_weights(
         plate dims are summed with every scale inside, giving shape ``(K,)``: enough for
         estimators linear in the log-weights (wake-sleep's wake-theta and ELBO).
     :param bool score_parts: also return the log-density of non-reparameterized guide sites.
+    :param str subsample_remedy: what the error for a subsampled plate that does not enclose
+        every site advises.
     """
-    frames, scale = _batch_plates(runs, per_datapoint)
+    frames, scale = _batch_plates(runs, per_datapoint, subsample_remedy)
     vec = sorted((f for f in frames.values() if f.vectorized), key=lambda f: f.dim)
     seq = sorted(f.name for f in frames.values() if not f.vectorized)
     keep_dims = [plate_nesting + 1 + f.dim for f in vec]
@@ -203,7 +206,7 @@ def log_weights(
     log_q_score = stack("score") if score_parts else None
     if score_parts and log_q_score is None:
         log_q_score = torch.zeros_like(log_q)
-    return LogWeights(log_p, log_q, log_q_score, scale, tuple(frames))
+    return LogWeights(log_p, log_q, log_q_score, scale)
 
 
 def _assemble(entries: dict, seq: list[str], vec_shape: list[int]) -> torch.Tensor | None:

@@ -85,15 +85,11 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 from torch.func import functional_call
 
-from ._base import WakeSleepLoss
-from ._traces import (
-    Uncondition,
-    is_auxiliary,
-    is_fantasy,
-    is_latent,
-    reject_factors,
-    subsample_sites,
-)
+from ._base import Loss
+from ._fantasy import is_fantasy
+from ._sleep import Uncondition, reject_factors
+from ._structure import check_model_guide_match, is_model_latent
+from ._traces import subsample_sites
 
 UPDATES = ("both", "generator", "discriminator")
 
@@ -164,7 +160,7 @@ def _check_shapes(role: str, data: dict, model: dict, data_role: str) -> None:
             )
 
 
-class AdversarialLoss(WakeSleepLoss):
+class AdversarialLoss(Loss):
     """
     Shared machinery of :class:`BiGAN` and :class:`GAN` (not used directly).
 
@@ -187,7 +183,7 @@ class AdversarialLoss(WakeSleepLoss):
         discriminator_name: str = "discriminator",
         retain_graph: bool | None = None,
     ):
-        super().__init__(num_particles=1, vectorize_particles=False, retain_graph=retain_graph)
+        super().__init__(retain_graph=retain_graph)
         kind = type(self).__name__
         if discriminator is None:
             raise TypeError(
@@ -285,10 +281,6 @@ class AdversarialLoss(WakeSleepLoss):
             warn_if_nan(surrogate, f"{type(self).__name__} surrogate loss")
         return d_loss, surrogate, stats
 
-    def _finish(self, value: torch.Tensor, stats: AdversarialStats) -> float:
-        self.stats = stats
-        return float(value)
-
     def _logits(self, disc, data: tuple, fake: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         out = disc(*data), disc(*fake)
         for o in out:
@@ -316,11 +308,7 @@ class AdversarialLoss(WakeSleepLoss):
                 "pyro.sample('x', dist.Delta(net(z), event_dim=1), obs=data) for an implicit "
                 "generator, or pyro.sample('x', dist.Normal(net(z), s).to_event(1), obs=data)."
             )
-        latents = [
-            name
-            for name, site in trace.nodes.items()
-            if is_latent(site) and not site["infer"].get("was_observed")
-        ]
+        latents = [name for name, site in trace.nodes.items() if is_model_latent(site)]
         _check_rsample(trace, observed + latents, "model")
         x_data = {name: trace.nodes[name]["infer"]["obs"] for name in observed}
         x_fake = {name: trace.nodes[name]["value"] for name in observed}
@@ -476,25 +464,7 @@ class BiGAN(AdversarialLoss):
                 "the model has no latent site for the discriminator to see. For a generator "
                 "without an encoder use GAN."
             )
-        guide_sites = [n for n, s in guide_trace.nodes.items() if is_latent(s)]
-        missing = [n for n in names if n not in guide_sites]
-        if missing:
-            raise ValueError(
-                f"model latent site(s) {missing} are not sampled by the guide: the discriminator "
-                "sees (x, z) with z from the guide in data pairs, so the guide must encode "
-                "every latent it sees. Add them to the guide, or, if they are generator noise, "
-                "name the latents the discriminator sees with latent_sites=[...]. (A data site "
-                "whose obs= was None is also a latent.)"
-            )
-        extra = [
-            n for n in guide_sites if n not in names and not is_auxiliary(guide_trace.nodes[n])
-        ]
-        if extra:
-            raise ValueError(
-                f"guide site(s) {extra} are not among the latents the discriminator sees "
-                f"({names}). Rename them to match, add them to latent_sites, or mark guide-only "
-                "variables with infer={'is_auxiliary': True}."
-            )
+        check_model_guide_match(trace, guide_trace, "adversarial", model_latents=set(names))
         _check_rsample(guide_trace, names, "guide")
         z_data = {n: guide_trace.nodes[n]["value"] for n in names}
         z_fake = {n: trace.nodes[n]["value"] for n in names}

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from ._base import check_count
-from ._traces import guess_plate_nesting, subsample_sites, wake_traces
+from ._args import check_count
+from ._structure import check_guide
+from ._traces import guess_plate_nesting, wake_traces
 from ._weights import log_weights
 
 
@@ -50,12 +51,13 @@ def log_evidence(
     """
     K = check_count("num_particles", num_particles, 1)
     chunk_size = check_count("chunk_size", chunk_size, 1)
+    check_guide(guide, sleep=False)
     if max_plate_nesting is None:
-        max_plate_nesting = guess_plate_nesting(model, guide, args, kwargs)
+        max_plate_nesting = guess_plate_nesting(model, args, kwargs)
     total, minibatch = None, None
     for start in range(0, K, chunk_size):
         size = min(chunk_size, K - start)
-        runs = wake_traces(
+        runs, minibatch = wake_traces(
             model,
             guide,
             args,
@@ -65,9 +67,15 @@ def log_evidence(
             plate_nesting=max_plate_nesting,
             minibatch=minibatch,
         )
-        if minibatch is None:
-            minibatch = subsample_sites(runs[0][1])
-        lw = log_weights(runs, plate_nesting=max_plate_nesting, vectorized=True)
+        lw = log_weights(
+            runs,
+            plate_nesting=max_plate_nesting,
+            vectorized=True,
+            subsample_remedy=(
+                "log_evidence estimates log p(x) per datapoint: evaluate on the full data "
+                "(without subsampling the plate), or put every latent inside the data plate."
+            ),
+        )
         chunk = torch.logsumexp(lw.log_w, 0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
     return total - math.log(K)

@@ -9,9 +9,9 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
-from ._base import WakeSleepLoss, check_count, check_fraction
-from ._sleep import FantasyArgs, check_fantasy_args
-from ._traces import subsample_sites
+from ._args import check_fraction
+from ._base import WakeSleepLoss
+from ._fantasy import FantasyArgs
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
@@ -112,6 +112,8 @@ class ReweightedWakeSleep(WakeSleepLoss):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            fantasy_args=fantasy_args,
+            num_sleep_particles=num_sleep_particles,
             min_particles=2 if insomnia > 0 else 1,
             why_min=(
                 " when insomnia > 0 (with one particle the self-normalized wake-phi gradient "
@@ -120,11 +122,10 @@ class ReweightedWakeSleep(WakeSleepLoss):
         )
         self.insomnia = insomnia
         self.model_has_params = bool(model_has_params)
-        self.num_sleep_particles = check_count(
-            "num_sleep_particles", 1 if num_sleep_particles is None else num_sleep_particles, 1
-        )
-        check_fantasy_args(fantasy_args)
-        self.fantasy_args = fantasy_args
+
+    @property
+    def uses_sleep_phase(self) -> bool:
+        return self.insomnia < 1.0
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
@@ -136,9 +137,9 @@ class ReweightedWakeSleep(WakeSleepLoss):
                 StepStats(sleep_phi.detach(), sleep_phi=sleep_phi.detach()),
             )
 
-        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting)
+        runs, minibatch = self._wake(model, guide, args, kwargs, plate_nesting)
         lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
-        log_w = lw.log_p.detach() - lw.log_q.detach()
+        log_w = lw.log_w.detach()
         bound_n = log_mean_exp(log_w)
         check_finite_bound(bound_n, log_w, runs)
         weights = torch.softmax(log_w, 0)
@@ -155,9 +156,7 @@ class ReweightedWakeSleep(WakeSleepLoss):
             surrogate = surrogate + self.insomnia * wake_phi
             stats.wake_phi = wake_phi.detach()
         if self.insomnia < 1.0:
-            sleep_phi = self._sleep(
-                model, guide, args, kwargs, plate_nesting, subsample_sites(runs[0][1])
-            )
+            sleep_phi = self._sleep(model, guide, args, kwargs, plate_nesting, minibatch)
             surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi
             stats.sleep_phi = sleep_phi.detach()
         if is_validation_enabled():
@@ -166,13 +165,7 @@ class ReweightedWakeSleep(WakeSleepLoss):
 
     def _sleep(self, model, guide, args, kwargs, plate_nesting, minibatch):
         return self._sleep_phi(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=self.num_sleep_particles,
-            plate_nesting=plate_nesting,
-            minibatch=minibatch,
+            model, guide, args, kwargs, plate_nesting, minibatch, self.num_sleep_particles
         )
 
 

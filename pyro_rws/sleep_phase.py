@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ._base import WakeSleepLoss
-from ._sleep import FantasyArgs, check_fantasy_args
+from ._fantasy import FantasyArgs
 from .diagnostics import StepStats
 
 
@@ -67,19 +67,15 @@ class SleepPhaseLoss(WakeSleepLoss):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            fantasy_args=fantasy_args,
         )
-        check_fantasy_args(fantasy_args)
-        self.fantasy_args = fantasy_args
+
+    uses_sleep_phase = True
 
     def _terms(self, model, guide, args, kwargs):
+        plate_nesting = self._plate_nesting(model, guide, args, kwargs)
         sleep_phi = self._sleep_phi(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=self.num_particles,
-            plate_nesting=self._plate_nesting(model, guide, args, kwargs),
-            minibatch=None,
+            model, guide, args, kwargs, plate_nesting, None, self.num_particles
         )
         value = sleep_phi.detach()
         return value, sleep_phi, StepStats(value, sleep_phi=value, num_particles=self.num_particles)

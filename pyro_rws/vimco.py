@@ -98,7 +98,7 @@ class VIMCO(WakeSleepLoss):
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting, detach=False)
+        runs, _ = self._wake(model, guide, args, kwargs, plate_nesting, detach=False)
         lw = log_weights(
             runs,
             plate_nesting=plate_nesting,

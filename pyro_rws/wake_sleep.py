@@ -10,9 +10,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
-from ._base import WakeSleepLoss, check_count
-from ._sleep import FantasyArgs, check_fantasy_args
-from ._traces import subsample_sites
+from ._base import WakeSleepLoss
+from ._fantasy import FantasyArgs
 from ._weights import check_finite_elbo, effective_sample_size, log_weights
 from .diagnostics import StepStats
 
@@ -86,6 +85,8 @@ class WakeSleepELBO(WakeSleepLoss):
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
+            fantasy_args=fantasy_args,
+            num_sleep_particles=num_sleep_particles,
         )
         if phase_q == "wake" and self.num_particles == 1:
             warnings.warn(
@@ -96,15 +97,14 @@ class WakeSleepELBO(WakeSleepLoss):
                 stacklevel=2,
             )
         self.phase_q = phase_q
-        self.num_sleep_particles = check_count(
-            "num_sleep_particles", 1 if num_sleep_particles is None else num_sleep_particles, 1
-        )
-        check_fantasy_args(fantasy_args)
-        self.fantasy_args = fantasy_args
+
+    @property
+    def uses_sleep_phase(self) -> bool:
+        return self.phase_q == "sleep"
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
-        runs = self._wake_traces(model, guide, args, kwargs, plate_nesting)
+        runs, minibatch = self._wake(model, guide, args, kwargs, plate_nesting)
         wake_q = self.phase_q == "wake"
         lw = log_weights(
             runs,
@@ -113,7 +113,7 @@ class WakeSleepELBO(WakeSleepLoss):
             per_datapoint=wake_q,
         )
         K = self.num_particles
-        log_w = lw.log_p.detach() - lw.log_q.detach()
+        log_w = lw.log_w.detach()
         elbo = lw.scale * log_w.sum() / K
         check_finite_elbo(elbo, log_w, runs)
         wake_theta = -lw.scale * lw.log_p.sum() / K
@@ -127,13 +127,7 @@ class WakeSleepELBO(WakeSleepLoss):
             stats.ess = effective_sample_size(log_w)
         else:
             sleep_phi = self._sleep_phi(
-                model,
-                guide,
-                args,
-                kwargs,
-                num_particles=self.num_sleep_particles,
-                plate_nesting=plate_nesting,
-                minibatch=subsample_sites(runs[0][1]),
+                model, guide, args, kwargs, plate_nesting, minibatch, self.num_sleep_particles
             )
             surrogate = surrogate + sleep_phi
             stats.sleep_phi = sleep_phi.detach()

@@ -442,7 +442,7 @@ def test_guide_must_encode_every_latent():
     def guide(x):  # a global z where the model has one per datapoint
         pyro.sample("z", dist.Normal(torch.zeros(1, dtype=F64), 1.0).to_event(1))
 
-    with pytest.raises(ValueError, match="latent site 'z' has shape"):
+    with pytest.raises(ValueError, match="site 'z' lies in plate 'data'"):
         BiGAN(s.disc).loss(s.model, guide, s.x)
 
 
