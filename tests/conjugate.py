@@ -8,6 +8,7 @@ Model: z_n ~ N(theta, 1), x_n ~ N(z_n, 1); guide q(z_n | x_n) = N(a x_n + b, s).
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
 
@@ -37,6 +38,17 @@ def guide(x, *args, extra_site=None):
         pyro.sample("z", dist.Normal(a * x + b, s))
         if extra_site is not None:
             pyro.sample(extra_site, dist.Normal(0.0, 1.0))
+
+
+def recording_guide(record):
+    """``guide``, appending ``(x, z)`` of each of its runs to ``record`` (z detached)."""
+
+    def recording(x, *args):
+        with poutine.trace() as tracer:
+            guide(x)
+        record.append((x, tracer.trace.nodes["z"]["value"].detach()))
+
+    return recording
 
 
 def exact_guide(x):

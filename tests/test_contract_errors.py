@@ -16,7 +16,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conjugate import data, guide, leaves, model
+from conjugate import DATA, data, guide, leaves, model, recording_guide
 from losses import LOSSES
 from pyro.distributions import constraints
 from pyro.infer import SVI, config_enumerate
@@ -176,8 +176,8 @@ def model_truncated(x):
 def test_some_particles_minus_inf_weight_are_dropped(case, hard_constraint):
     """
     Particles outside a hard constraint get weight zero and no gradient; the others carry the
-    estimate. (Before the fix, 0 * -inf made the RWS surrogate, differentiable_loss and every
-    gradient NaN.)
+    estimate: value, bound and ESS are those of the recorded particles, -inf weights included.
+    (Before the fix, 0 * -inf made the RWS surrogate, differentiable_loss and every gradient NaN.)
     """
     if not case.drops_zero_weight_particles:
         pytest.skip("the ELBO of a particle with log w = -inf is -inf; sleep-only has no weights")
@@ -185,19 +185,40 @@ def test_some_particles_minus_inf_weight_are_dropped(case, hard_constraint):
         if case.has_sleep:
             pytest.skip("the sleep phase rejects factors")
         m, args = model_factor, (lambda z: torch.where(z > -0.5, 0.0, -math.inf),)
+
+        def log_p(z, x):
+            return (
+                dist.Normal(0.0, 1.0).log_prob(z)
+                + dist.Normal(z, 1.0).log_prob(x)
+                + torch.where(z > -0.5, 0.0, -math.inf)
+            )
     else:
         pyro.enable_validation(False)  # else torch rejects values outside the support
         m, args = model_truncated, ()
+
+        def log_p(z, x):  # theta = 0.2, its initial value
+            prior = dist.Uniform(-0.8, 3.2, validate_args=False).log_prob(z)
+            return prior + dist.Normal(z, 1.0).log_prob(x)
+
     x = data()
-    loss = case.make(num_particles=20)
+    K = 20
+    loss = case.make(num_particles=K)
     pyro.set_rng_seed(4)
-    dl = loss.differentiable_loss(m, guide, x, *args)
-    assert torch.isfinite(dl)
+    record = []
+    dl = loss.differentiable_loss(m, recording_guide(record), x, *args)
     params = leaves()
     for name, g in zip(params, torch.autograd.grad(dl, list(params.values())), strict=True):
         assert torch.isfinite(g).all(), name
-    assert (loss.stats.ess >= 1).all() and (loss.stats.ess < 20).all()
-    assert torch.isfinite(loss.stats.bound)
+    wake = [z for seen, z in record if seen is x]  # the sleep phase's guide sees fantasies
+    z = wake[-1] if case.vectorize else torch.stack(wake[-K:])
+    assert z.shape == (K, len(DATA))
+    log_w = log_p(z, x) - dist.Normal(0.3 * x - 0.1, 0.9).log_prob(z)
+    assert (log_w == -math.inf).any() and (log_w > -math.inf).any(0).all()  # not vacuous
+    bound = (torch.logsumexp(log_w, 0) - math.log(K)).sum()
+    assert dl.item() == pytest.approx(-bound.item(), rel=1e-10)
+    assert float(loss.stats.bound) == pytest.approx(bound.item(), rel=1e-10)
+    torch.testing.assert_close(loss.stats.ess, torch.softmax(log_w, 0).square().sum(0).reciprocal())
+    assert (loss.stats.ess >= 1).all() and (loss.stats.ess < K).all()
 
 
 def discrete_model(x):

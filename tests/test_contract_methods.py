@@ -76,9 +76,13 @@ def test_loss_returns_float_and_keeps_no_graph(case):
 def test_svi_step_returns_float(case):
     x = data()
     loss = case.make()
+    pyro.set_rng_seed(5)
+    first = loss.loss(model, guide, x)  # at the initial parameters
     svi = SVI(model, guide, Adam({"lr": 0.01}), loss=loss)
+    pyro.set_rng_seed(5)
     values = [svi.step(x) for _ in range(3)]
     assert all(type(v) is float and math.isfinite(v) for v in values)
+    assert values[0] == pytest.approx(first, rel=1e-12)  # the value before the update
     assert type(svi.evaluate_loss(x)) is float
     # differentiable stats are detached after loss_and_grads too
     assert not loss.stats.loss.requires_grad
