@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pyro
@@ -33,9 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from discrete import FixFantasies, fixed_trace
+from losses import BY_NAME, LOSSES
 from torch.nn.parallel import DistributedDataParallel
 
-from pyro_rws import RWS, VIMCO, SleepPhaseLoss, WakeSleepELBO
+from pyro_rws import RWS
 from pyro_rws.examples.sbn import SBN
 
 pytestmark = pytest.mark.skipif(
@@ -50,21 +52,14 @@ X_DIM, LATENT_DIMS = 6, (4, 3)
 K = 5
 TIMEOUT = 60.0  # seconds, for the whole spawn (it takes a few)
 
-# name -> (loss factory, num_data, find_unused_parameters). SleepPhaseLoss gives the model's
-# parameters no gradient, which DistributedDataParallel must be told.
+# name -> (loss factory, num_data, find_unused_parameters): every loss of tests/losses.py with
+# a subsampled plate, and RWS with a plate of the shard's size too. A loss without wake-theta
+# (SleepPhaseLoss) gives the model's parameters no gradient, which DistributedDataParallel must
+# be told.
 CASES = {
-    "rws_subsampled": (lambda: RWS(num_particles=K), NUM_DATA, False),
-    "rws_full_plate": (lambda: RWS(num_particles=K), None, False),
-    "rws_insomnia_half": (lambda: RWS(num_particles=K, insomnia=0.5), NUM_DATA, False),
-    "vimco_subsampled": (lambda: VIMCO(num_particles=K), NUM_DATA, False),
-    "wake_sleep": (lambda: WakeSleepELBO(num_particles=K), NUM_DATA, False),
-    "wake_sleep_wake_phi": (
-        lambda: WakeSleepELBO(num_particles=K, phase_q="wake"),
-        NUM_DATA,
-        False,
-    ),
-    "sleep_phase": (lambda: SleepPhaseLoss(), NUM_DATA, True),
-}
+    spec.name: (partial(spec.make, num_particles=K), NUM_DATA, not spec.has_wake_theta)
+    for spec in LOSSES
+} | {"rws-1-full-plate": (partial(BY_NAME["rws-1"].make, num_particles=K), None, False)}
 
 
 def make_inputs() -> dict:
@@ -224,7 +219,7 @@ def test_averaged_gradient_equals_whole_batch_gradient(distributed_results, name
         # the plate has the shard's size: the average is 1/world_size of the whole-batch sum
         loss = loss / WORLD_SIZE
         expected = {n: g / WORLD_SIZE for n, g in expected.items()}
-    if name == "sleep_phase":  # only the guide learns
+    if not BY_NAME[name.removesuffix("-full-plate")].has_wake_theta:  # only the guide learns
         assert expected and all(".encoders." in n for n in expected)
     for rank in range(WORLD_SIZE):  # DDP left the averaged gradient on every process
         assert_close_dicts(results[rank][name]["grads"], expected)

@@ -36,7 +36,10 @@ def test_leave_one_out_baselines():
         torch.testing.assert_close(baselines[k], torch.logsumexp(replaced, 0) - math.log(5))
     # a dominant particle does not make its baseline collapse numerically
     log_w = torch.tensor([[800.0], [0.0], [1.0]], dtype=torch.float64)
-    assert torch.isfinite(leave_one_out_bounds(log_w)).all()
+    log3 = math.log(3)
+    first = torch.logsumexp(torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64), 0) - log3
+    expected = torch.tensor([[first], [800.0 - log3], [800.0 - log3]], dtype=torch.float64)
+    torch.testing.assert_close(leave_one_out_bounds(log_w), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_needs_two_particles():
