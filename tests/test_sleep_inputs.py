@@ -393,22 +393,29 @@ def len_guide(x):
 
 
 @pytest.mark.parametrize("spec", SLEEPERS, ids=str)
-def test_vectorized_sleep_particles_need_a_broadcasting_guide(spec):
-    def make():
-        return spec.make(num_particles=2, num_sleep_particles=3)
-
-    pyro.set_rng_seed(1)
+def test_vectorized_sleep_particles_with_a_len_guide_run_per_particle(spec):
+    """
+    A guide written the ordinary way (len(x)) cannot broadcast over a leading sleep-particle
+    dimension: the sleep phase detects it and runs the guide once per particle, on exactly the
+    draws that vectorize_particles=False makes (issue 9, item 5). Before, it raised (and before
+    that, the guide's plate of size len(x) = 3 replayed the model's 4 indices and silently
+    scaled log q by 3/4).
+    """
     x = torch.randn(4, 2)  # N = 4 datapoints, not 3 = S, so len(x) cannot pass by accident
-    assert math.isfinite(make().loss_and_grads(matrix_model, broadcasting_guide, x))
-    # before the check, the guide's plate of size len(x) = 3 replayed the model's 4 indices and
-    # silently scaled log q by 3/4
-    with pytest.raises(
-        ValueError, match=re.escape("plate 'data' has size 3 in the guide but 4 in the model")
-    ) as info:
-        make().loss(matrix_model, len_guide, x)
-    notes = "".join(getattr(info.value, "__notes__", []))
-    assert "vectorize_particles=True and 3 sleep particles" in notes
-    assert "x.shape[-2]" in notes and "vectorize_particles=False" in notes
+
+    def value(guide, vectorize):
+        loss = spec.make(vectorize, num_particles=2, num_sleep_particles=3)
+        pyro.set_rng_seed(1)
+        first = loss.loss(matrix_model, guide, x)
+        pyro.set_rng_seed(1)
+        second = loss.loss(matrix_model, guide, x)
+        assert first == second  # the call that found out gives the same draws as later ones
+        return first, loss.stats.sleep_phi
+
+    assert math.isfinite(value(broadcasting_guide, True)[0])
+    vectorized, sequential = value(len_guide, True), value(len_guide, False)
+    assert vectorized[0] == pytest.approx(sequential[0], rel=1e-12)
+    assert torch.allclose(vectorized[1], sequential[1], rtol=1e-12)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])
