@@ -10,7 +10,6 @@ Models and guides here record what they see: the model the value each observed s
 """
 
 import math
-import re
 
 import pyro
 import pyro.distributions as dist
