@@ -91,63 +91,54 @@ def _as_data(value: torch.Tensor, obs, squeeze: bool) -> torch.Tensor:
     return value
 
 
-def _subsampled_frames(site: dict, model_trace: Trace) -> list:
-    """Vectorized plates around ``site`` that hold a minibatch: by size, or by given indices."""
-    return [
-        f
-        for f in plate_frames(site)
-        if f.vectorized
-        and (f.full_size not in (None, f.size) or model_trace.nodes[f.name]["is_observed"])
-    ]
-
-
-def _indexed_by_plate(current: torch.Tensor, obs: torch.Tensor, site: dict, model_trace) -> bool:
+def _minibatch_frame(current, obs, site: dict, model_trace: Trace):
     """
-    Whether ``obs`` is ``current`` indexed along a plate given explicit ``subsample=`` indices
-    of the full size (a permutation, say), so its fantasy must be scattered back, not replace
-    ``current``. Only such plates cost a comparison (and a device synchronization).
+    The plate along which the observation ``obs`` was taken from the argument ``current`` at the
+    plate's subsample indices (``obs=x[idx]``), or None if ``obs`` stands for ``current`` itself.
+    A plate subsampled by size is recognised by its sizes; a plate given ``subsample=`` indices
+    of the full size (a permutation, say) costs one comparison of ``current[idx]`` with ``obs``
+    (a device synchronization), made only when ``obs`` is not the argument itself.
     """
+    if not (torch.is_tensor(current) and torch.is_tensor(obs)) or current.dim() != obs.dim():
+        return None
     event_dim = site["fn"].event_dim
     for f in plate_frames(site):
-        index_site = model_trace.nodes[f.name]
-        if not (f.vectorized and index_site["is_observed"]):
+        dim = f.dim - event_dim if f.vectorized else None
+        if dim is None or current.dim() < -dim:
             continue
-        index, dim = index_site["value"], f.dim - event_dim
-        if current.dim() >= -dim and current.shape[dim] == len(index):
+        index = model_trace.nodes[f.name]["value"]
+        if current.shape[dim] == f.full_size != f.size == obs.shape[dim]:
+            return f
+        if current.shape == obs.shape and current.shape[dim] == len(index) == f.size:
             picked = current.index_select(dim, index.to(current.device))
-            return bool(torch.equal(picked, obs.to(picked.dtype)))
-    return False
+            if bool(torch.equal(picked, obs.to(picked.dtype))):
+                return f
+    return None
 
 
-def _scatter(current, site: dict, model_trace: Trace, value: torch.Tensor, name, slot):
+def _scatter(current, frame, site: dict, model_trace: Trace, value: torch.Tensor, name, slot):
     """Write a minibatch fantasy into a copy of the full-data argument, at the subsample indices."""
     obs = site["infer"]["obs"]
-    event_dim = site["fn"].event_dim
-    subsampled = _subsampled_frames(site, model_trace)
-    if torch.is_tensor(current) and torch.is_tensor(obs) and len(subsampled) == 1:
-        frame = subsampled[0]
-        dim = frame.dim - event_dim
-        full_size = frame.size if frame.full_size is None else frame.full_size
-        if (
-            current.dim() == obs.dim()
-            and current.dim() >= -dim
-            and current.shape[dim] == full_size
-            and obs.shape[dim] == frame.size
-        ):
-            index = model_trace.nodes[frame.name]["value"]
-            if model_trace.nodes[frame.name]["is_observed"] and len(index.unique()) < len(index):
-                raise ValueError(
-                    f"plate '{frame.name}' was given subsample indices with repeats, so the "
-                    f"fantasies of observed site '{name}' cannot be placed into the full-data "
-                    f"argument {slot!r} (two fantasies would share one datapoint's slot, and "
-                    "the guide would score both latents against one of them). Pass the "
-                    "minibatch itself to model and guide (obs=x_batch, fantasy_args={"
-                    f"{name!r}: ...}} naming that argument), or use indices without repeats."
-                )
-            lead = value.shape[: value.dim() - obs.dim()]
-            full = current.expand(*lead, *current.shape).to(current.dtype, copy=True)
-            return full.index_copy_(dim, index.to(full.device), value.to(full.dtype))
-    raise ValueError(
+    dim = frame.dim - site["fn"].event_dim
+    index_site = model_trace.nodes[frame.name]
+    index = index_site["value"]
+    # indices drawn by subsample_size are distinct; given ones are checked
+    if index_site["fn"].subsample_size is None and len(index.unique()) < len(index):
+        raise ValueError(
+            f"plate '{frame.name}' was given subsample indices with repeats, so the fantasies of "
+            f"observed site '{name}' cannot be placed into the full-data argument {slot!r} (two "
+            "fantasies would share one datapoint's slot, and the guide would score both latents "
+            "against one of them). Pass the minibatch itself to model and guide (obs=x_batch, "
+            f"fantasy_args={{{name!r}: ...}} naming that argument), or use indices without "
+            "repeats."
+        )
+    lead = value.shape[: value.dim() - obs.dim()]
+    full = current.expand(*lead, *current.shape).to(current.dtype, copy=True)
+    return full.index_copy_(dim, index.to(full.device), value.to(full.dtype))
+
+
+def _cannot_place(current, obs, name, slot):
+    return ValueError(
         f"fantasy_args maps observed site '{name}' (obs of shape "
         f"{tuple(getattr(obs, 'shape', ()))}) to argument {slot!r} of shape "
         f"{tuple(getattr(current, 'shape', ()))}, and the fantasy "
@@ -212,15 +203,17 @@ def guide_inputs(
                     f"called with {len(args)} positional argument(s) and keywords {sorted(kwargs)}"
                 )
             current = container[slot]
-            if current is obs or (
-                torch.is_tensor(current)
-                and torch.is_tensor(obs)
-                and current.shape == obs.shape
-                and not _indexed_by_plate(current, obs, site, model_trace)
+            frame = None if current is obs else _minibatch_frame(current, obs, site, model_trace)
+            if frame is not None:
+                container[slot] = _scatter(
+                    current, frame, site, model_trace, values[name], name, slot
+                )
+            elif current is obs or (
+                torch.is_tensor(current) and torch.is_tensor(obs) and current.shape == obs.shape
             ):
                 container[slot] = values[name].to(current.dtype)
             else:
-                container[slot] = _scatter(current, site, model_trace, values[name], name, slot)
+                raise _cannot_place(current, obs, name, slot)
     if unmatched:
         raise ValueError(
             "the sleep phase calls the guide with fantasy observations in place of the data, but "

@@ -27,7 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_factor
+from pyro.poutine.util import site_is_factor, site_is_subsample
 from pyro.util import get_rng_state, set_rng_state, warn_if_nan
 
 from ._fantasy import FantasyArgs, accepts_observations, guide_inputs
@@ -43,12 +43,14 @@ from ._weights import site_log_prob
 
 class Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
     """
-    ``poutine.uncondition`` except at ``pyro.deterministic`` sites, which keep their value: a
-    Delta resampled inside plates would take the plate shape on top of its event shape.
+    ``poutine.uncondition`` except at ``pyro.deterministic`` sites, which keep their value (a
+    Delta resampled inside plates would take the plate shape on top of its event shape), and at
+    the index draws of plates given ``subsample=`` indices, which select data rather than
+    being part of the model (resampled, a permutation would become another permutation).
     """
 
     def _pyro_sample(self, msg) -> None:
-        if not (msg["infer"] or {}).get("_deterministic"):
+        if not (msg["infer"] or {}).get("_deterministic") and not site_is_subsample(msg):
             super()._pyro_sample(msg)
 
 

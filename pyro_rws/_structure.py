@@ -87,7 +87,7 @@ def check_guide(guide: Callable, sleep: bool) -> str | None:
     Raise for guides that no wake-sleep estimator can use; return a warning message for guides
     that work but poorly (or None). ``sleep``: the guide will be scored on fantasies.
     """
-    from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoDiscreteParallel
+    from pyro.infer.autoguide import AutoContinuous, AutoDelta, AutoDiscreteParallel, AutoGuide
 
     if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
         raise NotImplementedError(
@@ -111,15 +111,16 @@ def check_guide(guide: Callable, sleep: bool) -> str | None:
                 "samples each discrete site (e.g. an amortized Categorical or Bernoulli), or "
                 "use pyro.infer.TraceEnum_ELBO."
             )
+        if sleep and isinstance(part, AutoGuide):
+            raise ValueError(
+                f"{kind} cannot be trained by the sleep phase: an autoguide is not amortized "
+                "(its parameters are per latent, not computed from the data), so it cannot "
+                "read the fantasy observations the sleep phase scores it on, and its sites are "
+                "point masses over auxiliary samples. Use the wake phase only (insomnia=1.0 for "
+                "ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO) with AutoNormal, or "
+                "write an amortized guide q(z|x) for the sleep phase."
+            )
         if isinstance(part, AutoContinuous):
-            if sleep:
-                raise ValueError(
-                    f"{kind} samples all latents jointly in one auxiliary site and returns "
-                    "them as point masses, so the sleep phase cannot evaluate q(z|x) at a "
-                    "fantasy. Use AutoNormal (one site per latent, with a density), or the "
-                    "wake phase only (insomnia=1.0 for ReweightedWakeSleep, phase_q='wake' for "
-                    "WakeSleepELBO)."
-                )
             return (
                 f"{kind} flattens every latent into one vector, so the importance weights are "
                 "joint over the whole batch instead of per datapoint and the effective sample "
