@@ -35,6 +35,7 @@ References
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -65,7 +66,11 @@ def reparameterized_sites(runs: list[tuple[Trace, Trace]]) -> tuple[bool, bool]:
 
 
 class DRegWarningOnce:
-    """The warning that ``dreg=True`` changes nothing, at most once per loss object."""
+    """
+    The warning that ``dreg=True`` changes nothing: once per loss object, on its first call.
+    Issued with a fresh registry, so that Python's once-per-location filter does not hide it
+    for a second loss object called from the same line.
+    """
 
     def __init__(self):
         self.checked = False
@@ -74,14 +79,21 @@ class DRegWarningOnce:
         if self.checked:
             return
         self.checked = True
-        if not any_reparameterized:
-            warnings.warn(
-                f"{loss_name}(dreg=True): no guide site is reparameterized (none has rsample), "
-                "so dreg has no effect and the standard estimator is used. DReG applies to "
-                "continuous guide sites such as Normal; pass dreg=False to silence this.",
-                UserWarning,
-                stacklevel=5,
-            )
+        if any_reparameterized:
+            return
+        # the caller of loss / loss_and_grads / differentiable_loss (check <- _terms <- method)
+        frame = sys._getframe(3)
+        warnings.warn_explicit(
+            f"{loss_name}(dreg=True): no guide site is reparameterized (none has rsample), so "
+            "dreg has no effect and the standard estimator is used. DReG applies to continuous "
+            "guide sites such as Normal; pass dreg=False to silence this.",
+            UserWarning,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            module=frame.f_globals.get("__name__"),
+            registry=None,
+            module_globals=frame.f_globals,
+        )
 
 
 def _detached_copy(trace: Trace) -> Trace:

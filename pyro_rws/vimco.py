@@ -108,8 +108,8 @@ class VIMCO(WakeSleepLoss):
     [4] `Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives`, George Tucker,
         Dieterich Lawson, Shixiang Gu, Chris J. Maddison (ICLR 2019), arXiv:1810.04152
 
-    [5] `Sticking the Landing: Simple, Lower-Variance Gradient Estimators for Variational
-        Inference`, Geoffrey Roeder, Yuhuai Wu, David Duvenaud (NeurIPS 2017), arXiv:1703.09194
+    [5] `Sticking the Landing`: Simple, Lower-Variance Gradient Estimators for Variational
+        Inference, Geoffrey Roeder, Yuhuai Wu, David Duvenaud (NeurIPS 2017), arXiv:1703.09194
     """
 
     def __init__(

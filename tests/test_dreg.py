@@ -289,6 +289,17 @@ def test_no_reparameterized_site_warns_once_per_object(name):
             assert torch.equal(g_d[n], g_s[n])
 
 
+def test_warning_not_hidden_by_the_once_per_location_filter():
+    model, guide = _discrete()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        for _ in range(2):  # two loss objects, called from the same line
+            RWS(3, dreg=True).loss(model, guide)
+    messages = [str(w.message) for w in record if "dreg" in str(w.message)]
+    assert len(messages) == 2
+    assert record[0].filename == __file__
+
+
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("name", ["rws", "vimco"])
 def test_loss_methods_agree(name, vectorize):
