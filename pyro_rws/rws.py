@@ -63,8 +63,8 @@ class ReweightedWakeSleep(WakeSleepLoss):
     :math:`\theta` (see :mod:`pyro_rws._dreg` for how the stop-gradients are realized without a
     second backward pass); wake-theta, the sleep-phi term, the particles drawn (for the same
     seed), the value and :attr:`stats` are those of ``dreg=False``. It costs one more guide and
-    model run per step. It helps near the posterior and with many particles; far from it, at
-    large K, its variance can exceed the standard estimator's (see ``benchmarks/README.md``).
+    model run per step. It helps most near the posterior; far from it the variance reduction
+    shrinks as K grows, and need not persist (see ``benchmarks/README.md``).
     A guide without reparameterized sites gets the standard estimator and a
     :class:`UserWarning` (once per loss object).
 
