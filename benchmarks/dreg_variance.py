@@ -18,9 +18,12 @@ Doubly reparameterized gradients (``dreg=True``) against the standard estimators
 
     python benchmarks/dreg_variance.py                 # everything (~30 min of one loaded core)
     python benchmarks/dreg_variance.py --quick         # seconds
-    python benchmarks/dreg_variance.py --part variance # or: learning
+    python benchmarks/dreg_variance.py --part variance # or: learning, timing
 
-Writes benchmarks/results/dreg_variance.{json,md} and dreg_learning.{json,md,png}.
+3. Step time of the four on the VAE (K=10, batch 64), interleaved rounds.
+
+Writes benchmarks/results/dreg_variance.{json,md}, dreg_step_time.md and
+dreg_learning.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -275,6 +278,23 @@ def plot_learning(out, K, seeds, path):
     fig.savefig(path, dpi=120)
 
 
+def step_times(K=10, rounds=30, repeats=5, batch_size=64):
+    """ms per differentiable_loss + backward on the VAE, interleaved, median over rounds."""
+    train_x, _ = load_digits()
+    x = train_x[:batch_size]
+    vae = VAE()
+    losses = {name: make_loss(name, K, 1) for name in ESTIMATORS}
+    times = {name: [] for name in ESTIMATORS}
+    for r in range(rounds):
+        for name in ESTIMATORS if r % 2 == 0 else ESTIMATORS[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                vae.zero_grad()
+                losses[name].differentiable_loss(vae.model, vae.guide, x).backward()
+            times[name].append(1000 * (time.perf_counter() - t0) / repeats)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 # --------------------------------------------------------------------------------------------
 def variance_table(rows):
     lines = [
@@ -307,7 +327,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=["all", "variance", "learning"], default="all")
+    parser.add_argument("--part", choices=["all", "variance", "learning", "timing"], default="all")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--tag", default="")
@@ -335,6 +355,18 @@ def main():
             f"{header} {time.perf_counter() - t0:.0f} s.\n\n{table}\n"
         )
         print(table, flush=True)
+    if args.part in ("all", "timing"):
+        ms = step_times(rounds=4 if args.quick else 30)
+        lines = [
+            f"ms per step (loss + backward), VAE 64-100-8 on 64 digits, K=10, median of "
+            f"interleaved rounds. {header}",
+            "",
+            "| " + " | ".join(ESTIMATORS) + " |",
+            "|" + "---:|" * len(ESTIMATORS),
+            "| " + " | ".join(f"{ms[n]:.1f}" for n in ESTIMATORS) + " |",
+        ]
+        (RESULTS / f"dreg_step_time{tag}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines), flush=True)
     if args.part in ("all", "learning"):
         K = 10
         steps = 40 if args.quick else args.steps
