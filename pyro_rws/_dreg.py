@@ -25,6 +25,9 @@ guide and model on its detached values, this module forms the zero-valued tensor
 whose gradient is exactly the path derivative above: the direct dependence on :math:`\phi`
 (score) and on :math:`\theta` cancels between the attached and the detached evaluations, which
 hold the same numbers. The replay costs one more guide run and one more model run per step.
+It assumes that model and guide are deterministic given their sample sites (no dropout or other
+randomness outside ``pyro.sample`` in training mode); with validation enabled, a replay that does
+not reproduce the log-densities raises a :class:`UserWarning`.
 
 References
 
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 
 import pyro.poutine as poutine
 import torch
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 
 from ._traces import in_particle_plate, is_latent
@@ -160,8 +164,28 @@ def dreg_log_weights(
         plate_nesting=plate_nesting,
     )
     detached = log_weights(replays, plate_nesting=plate_nesting, vectorized=vectorize)
+    if is_validation_enabled():
+        _check_replay(attached, detached)
     path = (attached.log_p - detached.log_p) - (attached.log_q - detached.log_q)
     # A particle outside the model's support has log p = -inf in both runs: -inf - -inf is NaN.
     finite = (detached.log_p.detach() - detached.log_q.detach()) > -math.inf
     path = torch.where(finite, path, torch.zeros_like(path))
     return DRegWeights(detached, path, attached.log_q_score)
+
+
+def _check_replay(attached: LogWeights, detached: LogWeights) -> None:
+    for what, a, b in (
+        ("model", attached.log_p, detached.log_p),
+        ("guide", attached.log_q, detached.log_q),
+    ):
+        a, b = a.detach(), b.detach()
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        if not bool(torch.isclose(a[finite], b[finite], rtol=1e-4, atol=1e-4).all()):
+            warnings.warn(
+                f"dreg=True: replaying the {what} on the drawn samples did not reproduce its "
+                "log-density, so the doubly reparameterized gradient is wrong. The model and the "
+                "guide must be deterministic given their sample sites: switch off dropout and "
+                "other randomness outside pyro.sample (e.g. module.eval()), or use dreg=False.",
+                UserWarning,
+                stacklevel=5,
+            )

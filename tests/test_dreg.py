@@ -366,3 +366,16 @@ def test_rws_hierarchical_guide_matches_rws_target():
     _, g_d = grads(RWS(3, dreg=True, max_plate_nesting=2), model, guide, xs)
     _, g_r = grads(ReferenceRWS(3, max_plate_nesting=2), model, guide, xs)
     assert_zero_mean(flatten(g_d) - flatten(g_r))
+
+
+@pytest.mark.parametrize("name", ["rws", "vimco"])
+def test_nondeterministic_guide_warns(name):
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.0)) + 0.1 * torch.randn(())  # like dropout
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+    with pytest.warns(UserWarning, match="deterministic"):
+        estimator(name, 3, dreg=True).differentiable_loss(model, guide)
