@@ -52,6 +52,17 @@ def replaying(fn: Callable, trace: Trace | None) -> Callable:
 Runs = list[tuple[Trace, Trace]]
 
 
+class DetachSamples(poutine.messenger.Messenger):
+    """
+    Detach each latent sample as it is drawn, so that later sites of the same program (a
+    hierarchical guide) do not differentiate through earlier reparameterized samples.
+    """
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not msg["is_observed"] and torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].detach()
+
+
 def wake_traces(
     model: Callable,
     guide: Callable,
@@ -70,12 +81,15 @@ def wake_traces(
     Vectorized: one ``(model_trace, guide_trace)`` pair whose sites carry a particle dimension at
     ``-(plate_nesting + 1)``. Sequential: one pair per particle, all on the same minibatch (the
     first particle's subsample indices, or ``minibatch`` if given, are replayed into the others).
-    With ``detach`` the guide's sample values are detached, so no gradient flows through them
-    (RWS, wake-sleep); VIMCO keeps them attached for its pathwise term. Each pair passes
+    With ``detach`` the guide's sample values are detached as they are drawn, so no gradient
+    flows through them, not even into later guide sites (RWS, wake-sleep); VIMCO keeps them
+    attached for its pathwise term. Each pair passes
     :func:`~pyro_rws._structure.check_model_guide_match`.
 
     :returns: the runs, and the minibatch (subsample sites) they share, for the sleep phase.
     """
+    if detach:
+        guide = DetachSamples()(guide)
     if vectorize:
         guide = in_particle_plate(guide, num_particles, plate_nesting)
         model = in_particle_plate(model, num_particles, plate_nesting)

@@ -11,6 +11,7 @@ from pyro.util import warn_if_nan
 
 from ._args import check_fraction
 from ._base import WakeSleepLoss
+from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
 from ._fantasy import FantasyArgs
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
@@ -39,6 +40,33 @@ class ReweightedWakeSleep(WakeSleepLoss):
     reparameterizable; fantasies are detached; the model runs under ``no_grad`` in the sleep
     phase. The gradient of ``theta`` is exactly that of :math:`\mathcal{L}_\theta`, the gradient
     of ``phi`` that of :math:`\mathcal{L}_\phi`, from one backward pass.
+
+    **Doubly reparameterized gradients** (``dreg=True``). For guide sites with ``rsample``,
+    :math:`z^k = g(\epsilon^k, \phi)`, the wake-phi gradient is replaced by RWS-DReG [3], which
+    has the same expectation (it is unbiased for the expected standard wake-phi gradient) and
+    is exactly zero when :math:`q_\phi` is the posterior. With
+    :math:`\log \tilde w_k = \log p_\theta(x, z^k) - \log q_{\mathrm{sg}(\phi)}(z^k | x)`, the
+    guide's parameters stopped but :math:`z^k` still a function of :math:`\phi`, the ascent
+    direction of the wake-phi objective :math:`\sum_k \bar w_k \log q_\phi(z^k|x)` is
+
+    .. math::
+
+        \sum_{k=1}^K \left(\bar w_k - \bar w_k^2\right)
+            \frac{\partial \log \tilde w_k}{\partial z^k} \frac{\partial z^k}{\partial \phi},
+
+    the sign and coefficients of Tucker et al. [3] and of their reference code; as a loss, the
+    surrogate is :math:`\mathcal{L}_\phi^{\text{wake}} = -\sum_k \mathrm{sg}(\bar w_k -
+    \bar w_k^2) \log \tilde w_k - \sum_k \mathrm{sg}(\bar w_k) \log q_\phi(z^k_{\text{score}} |
+    \ldots)`, the second sum over the guide sites without ``rsample`` (unchanged score-function
+    wake-phi; their distribution parameters keep their dependence on earlier reparameterized
+    sites, which the identity behind DReG requires). The DReG term sends no gradient to
+    :math:`\theta` (see :mod:`pyro_rws._dreg` for how the stop-gradients are realized without a
+    second backward pass); wake-theta, the sleep-phi term, the particles drawn (for the same
+    seed), the value and :attr:`stats` are those of ``dreg=False``. It costs one more guide and
+    model run per step. It helps most near the posterior; far from it the variance reduction
+    shrinks as K grows, and need not persist (see ``benchmarks/README.md``).
+    A guide without reparameterized sites gets the standard estimator and a
+    :class:`UserWarning` (once per loss object).
 
     **Per-datapoint weights.** The log-weights have one entry per particle and per element of
     every plate that encloses all sample sites of model and guide (usually the data plate); the
@@ -83,6 +111,8 @@ class ReweightedWakeSleep(WakeSleepLoss):
     :param bool strict_enumeration_warning: accepted for compatibility with Pyro; ignored
         (enumerated sites raise :class:`NotImplementedError`).
     :param bool retain_graph: passed to ``backward``.
+    :param bool dreg: use the doubly reparameterized wake-phi gradient (RWS-DReG [3]) for guide
+        sites with ``rsample``. Default False.
 
     References
 
@@ -91,6 +121,9 @@ class ReweightedWakeSleep(WakeSleepLoss):
     [2] `Revisiting Reweighted Wake-Sleep for Models with Stochastic Control Flow`,
         Tuan Anh Le, Adam R. Kosiorek, N. Siddharth, Yee Whye Teh, Frank Wood (UAI 2019),
         arXiv:1805.10469
+
+    [3] `Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives`, George Tucker,
+        Dieterich Lawson, Shixiang Gu, Chris J. Maddison (ICLR 2019), arXiv:1810.04152
     """
 
     def __init__(
@@ -105,8 +138,11 @@ class ReweightedWakeSleep(WakeSleepLoss):
         *,
         fantasy_args: FantasyArgs = None,
         retain_graph: bool | None = None,
+        dreg: bool = False,
     ):
         insomnia = check_fraction("insomnia", insomnia)
+        self.dreg = check_dreg(dreg)
+        self._dreg_warning = DRegWarningOnce()
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -137,8 +173,29 @@ class ReweightedWakeSleep(WakeSleepLoss):
                 StepStats(sleep_phi.detach(), sleep_phi=sleep_phi.detach()),
             )
 
-        runs, minibatch = self._wake(model, guide, args, kwargs, plate_nesting)
-        lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
+        dreg = self.dreg and self.insomnia > 0.0
+        runs, minibatch = self._wake(model, guide, args, kwargs, plate_nesting, detach=not dreg)
+        path = None
+        if dreg:
+            any_reparameterized, _ = reparameterized_sites(runs)
+            self._dreg_warning.check(any_reparameterized, type(self).__name__)
+            if any_reparameterized and torch.is_grad_enabled():
+                dw = dreg_log_weights(
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    runs,
+                    num_particles=self.num_particles,
+                    vectorize=self.vectorize_particles,
+                    plate_nesting=plate_nesting,
+                )
+                lw, path, log_q_score = dw.detached, dw.path, dw.log_q_score
+            else:  # nothing to reparameterize, or no gradient wanted: the plain estimator
+                for _, guide_trace in runs:
+                    guide_trace.detach_()
+        if path is None:
+            lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=self.vectorize_particles)
         log_w = lw.log_w.detach()
         bound_n = log_mean_exp(log_w)
         check_finite_bound(bound_n, log_w, runs)
@@ -153,8 +210,14 @@ class ReweightedWakeSleep(WakeSleepLoss):
         stats.ess = effective_sample_size(log_w)
         if self.insomnia > 0.0:
             wake_phi = -lw.scale * (weights * lw.log_q).sum()
-            surrogate = surrogate + self.insomnia * wake_phi
             stats.wake_phi = wake_phi.detach()
+            if path is not None:
+                # RWS-DReG: (wbar - wbar^2) times the path derivative for rsample sites, the
+                # score function for the others (with their parents attached)
+                wake_phi = (
+                    -lw.scale * ((weights - weights.square()) * path + weights * log_q_score).sum()
+                )
+            surrogate = surrogate + self.insomnia * wake_phi
         if self.insomnia < 1.0:
             sleep_phi = self._sleep(model, guide, args, kwargs, plate_nesting, minibatch)
             surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi

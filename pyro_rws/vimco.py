@@ -10,6 +10,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
 from ._base import WakeSleepLoss
+from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
@@ -53,6 +54,29 @@ class VIMCO(WakeSleepLoss):
     :class:`~pyro_rws.ReweightedWakeSleep`. The estimator is unbiased for the gradient of
     :math:`\mathbb{E}[\hat L]`.
 
+    **Doubly reparameterized gradients** (``dreg=True``). For the sites with ``rsample`` the
+    pathwise term is replaced by IWAE-DReG [4], unbiased for the same gradient and exactly zero
+    when :math:`q_\phi` is the posterior: with :math:`\log \tilde w_k = \log p_\theta(x, z^k) -
+    \log q_{\mathrm{sg}(\phi)}(z^k | x)` (the guide's parameters stopped, :math:`z^k` still a
+    function of :math:`\phi`),
+
+    .. math::
+
+        \nabla_\phi \hat L \approx \sum_{k=1}^K \mathrm{sg}(\hat L - \hat L_{-k} - \bar w_k)\,
+            \nabla_\phi \log q_\phi(z^k_{\text{score}} | \ldots) + \sum_{k=1}^K \bar w_k^2\,
+            \frac{\partial \log \tilde w_k}{\partial z^k} \frac{\partial z^k}{\partial \phi},
+
+    the sign and coefficients of Tucker et al. [4] (an ascent direction). The first sum is
+    VIMCO's term for the sites without ``rsample``, less the :math:`-\bar w_k \nabla_\phi
+    \log q` that the pathwise gradient of :math:`\hat L` gives them, so their gradient is that
+    of ``dreg=False``. The DReG term sends no gradient to :math:`\theta`, which gets
+    :math:`\nabla_\theta \hat L` as before (see :mod:`pyro_rws._dreg`); particles (for the
+    same seed), value and :attr:`stats` are those of ``dreg=False``. One more guide and model
+    run per step. With every guide site reparameterized, ``VIMCO(dreg=True)`` is IWAE with
+    DReG, and ``num_particles=1`` is allowed: the "sticking the landing" estimator of the
+    ELBO [5]. A guide without reparameterized sites gets the standard estimator and a
+    :class:`UserWarning` (once per loss object).
+
     Weights are per datapoint, with the plate and subsampling semantics of
     :class:`~pyro_rws.ReweightedWakeSleep` (the same code builds them).
 
@@ -62,10 +86,13 @@ class VIMCO(WakeSleepLoss):
     .. note:: Unlike reweighted wake-sleep, the guide of an IWAE-type objective gets a weaker
         learning signal as K grows [2, 3]; compare both on your problem.
 
-    :param int num_particles: K >= 2 (the baselines need at least one other particle).
+    :param int num_particles: K >= 2 (the baselines need at least one other particle); K = 1 is
+        allowed with ``dreg=True`` if every guide site is reparameterized.
     :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`.
     :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
     :param bool retain_graph: passed to ``backward``.
+    :param bool dreg: use the doubly reparameterized gradient (IWAE-DReG [4]) for guide sites with
+        ``rsample``. Default False.
 
     References
 
@@ -77,6 +104,12 @@ class VIMCO(WakeSleepLoss):
 
     [3] `Revisiting Reweighted Wake-Sleep for Models with Stochastic Control Flow`, Le et al.
         (UAI 2019), arXiv:1805.10469
+
+    [4] `Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives`, George Tucker,
+        Dieterich Lawson, Shixiang Gu, Chris J. Maddison (ICLR 2019), arXiv:1810.04152
+
+    [5] `Sticking the Landing`: Simple, Lower-Variance Gradient Estimators for Variational
+        Inference, Geoffrey Roeder, Yuhuai Wu, David Duvenaud (NeurIPS 2017), arXiv:1703.09194
     """
 
     def __init__(
@@ -86,19 +119,34 @@ class VIMCO(WakeSleepLoss):
         max_plate_nesting: int | float = math.inf,
         *,
         retain_graph: bool | None = None,
+        dreg: bool = False,
     ):
+        dreg = check_dreg(dreg)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
-            min_particles=2,
+            min_particles=1 if dreg else 2,
             why_min=" (VIMCO's leave-one-out baselines need another particle)",
         )
+        self.dreg = dreg
+        self._dreg_warning = DRegWarningOnce()
 
     def _terms(self, model, guide, args, kwargs):
         plate_nesting = self._plate_nesting(model, guide, args, kwargs)
         runs, _ = self._wake(model, guide, args, kwargs, plate_nesting, detach=False)
+        if self.dreg:
+            any_reparameterized, all_reparameterized = reparameterized_sites(runs)
+            if self.num_particles == 1 and not all_reparameterized:
+                raise ValueError(
+                    "VIMCO(num_particles=1, dreg=True) needs every guide site to be "
+                    "reparameterized (with one particle there is no leave-one-out baseline for "
+                    "score-function sites such as discrete ones). Use num_particles >= 2."
+                )
+            self._dreg_warning.check(any_reparameterized, type(self).__name__)
+            if any_reparameterized and torch.is_grad_enabled():
+                return self._dreg_terms(model, guide, args, kwargs, runs, plate_nesting)
         lw = log_weights(
             runs,
             plate_nesting=plate_nesting,
@@ -112,10 +160,44 @@ class VIMCO(WakeSleepLoss):
         bound_n = log_mean_exp(log_w)
         bound_detached = bound_n.detach()
         check_finite_bound(bound_detached, log_w_detached, runs)
-        baseline = leave_one_out_bounds(log_w_detached)
-        learning_signal = bound_detached.unsqueeze(0) - baseline  # (K, *batch)
-        surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()
-        bound = lw.scale * bound_detached.sum()
+        if self.num_particles > 1:
+            baseline = leave_one_out_bounds(log_w_detached)
+            learning_signal = bound_detached.unsqueeze(0) - baseline  # (K, *batch)
+            surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()
+        else:  # K = 1 only with dreg=True, every site reparameterized, and no gradient wanted
+            surrogate = -lw.scale * bound_n.sum()
+        return self._finish_terms(lw.scale, bound_detached, log_w_detached, surrogate)
+
+    def _dreg_terms(self, model, guide, args, kwargs, runs, plate_nesting):
+        dw = dreg_log_weights(
+            model,
+            guide,
+            args,
+            kwargs,
+            runs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
+        )
+        lw = dw.detached
+        log_w_detached = lw.log_p.detach() - lw.log_q.detach()
+        bound_detached = log_mean_exp(log_w_detached)
+        check_finite_bound(bound_detached, log_w_detached, runs)
+        weights = torch.softmax(log_w_detached, 0)
+        # theta: grad of -sum_k sg(wbar_k) log p(x, sg z_k), the gradient of -bound in theta
+        log_p = torch.where(weights > 0, lw.log_p, 0.0)
+        terms = weights * log_p + weights.square() * dw.path  # IWAE-DReG for rsample sites
+        if self.num_particles > 1:
+            # score-function sites: VIMCO's learning signal, less the wbar_k that the pathwise
+            # gradient of the bound would have given them (their parents attached)
+            baseline = leave_one_out_bounds(log_w_detached)
+            learning_signal = bound_detached.unsqueeze(0) - baseline
+            terms = terms + (learning_signal - weights) * dw.log_q_score
+        surrogate = -lw.scale * terms.sum()
+        return self._finish_terms(lw.scale, bound_detached, log_w_detached, surrogate)
+
+    def _finish_terms(self, scale, bound_detached, log_w_detached, surrogate):
+        bound = scale * bound_detached.sum()
         if is_validation_enabled():
             warn_if_nan(surrogate, "VIMCO surrogate loss")
         stats = StepStats(
