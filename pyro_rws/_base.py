@@ -13,6 +13,8 @@ effective sample size.
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
@@ -27,6 +29,71 @@ from ._sleep import SleepState, sleep_phi
 from ._structure import check_guide
 from ._traces import guess_plate_nesting, wake_traces
 from .diagnostics import ESSMonitor, StepStats
+
+#: Parameters and behaviour the public losses share, written once and put into each class's
+#: docstring by :func:`shared_docs` (so that ``help(RWS)`` and the API docs show them).
+SHARED_DOCS = {
+    "vectorize_particles": (
+        ":param bool vectorize_particles: draw all particles in one run of guide and model "
+        "inside a particle plate at dim ``-(max_plate_nesting + 1)`` (default True: fast, and "
+        "needs static structure and a program that broadcasts over that dim). If False, one "
+        "run per particle, which allows stochastic control flow and structure that differs "
+        "between particles."
+    ),
+    "max_plate_nesting": (
+        ":param int max_plate_nesting: the number of nested :func:`pyro.plate` dims in model "
+        "and guide, not counting the particle plate. Guessed from one run of the model (with "
+        "the caller's arguments, its random draws undone) if omitted; the guide is never run "
+        "for the guess, and a guide with more nested plates than its model gets an error that "
+        "asks for this argument."
+    ),
+    "fantasy_args": (
+        ":param fantasy_args: where the sleep phase puts each fantasy observation in the "
+        "guide's arguments, when the model's ``obs=`` tensor is not itself an argument (by "
+        "default a fantasy replaces the argument whose tensor the model observed, and a guide "
+        "with an ``observations`` keyword, Pyro's CSIS convention, receives ``{site: "
+        "fantasy}``): a dict ``{observed site: argument position (int) | keyword (str) | "
+        "None}``, where a minibatch ``x[idx]`` of a subsampled plate is scattered into a copy "
+        "of the full argument at ``idx``, or a callable ``(fantasies, *args, **kwargs) -> "
+        "(args, kwargs)``."
+    ),
+    "num_sleep_particles": (
+        ":param int num_sleep_particles: S, fantasies per datapoint of the batch in the sleep "
+        "phase. Default 1: each sleep particle already makes one fantasy for every datapoint "
+        "(Pyro's ``ReweightedWakeSleep`` defaults to S = K; pass ``num_sleep_particles=K`` "
+        "for the same). With S > 1 the fantasies carry a leading particle dim; a guide that "
+        "cannot broadcast over it (it reads ``len(x)``) is found on the first step and run "
+        "once per particle."
+    ),
+    "retain_graph": ":param bool retain_graph: passed to ``backward`` in ``loss_and_grads``.",
+    "methods": (
+        "Like every Pyro loss it has :meth:`loss` (a float, no gradients), "
+        ":meth:`loss_and_grads` (a float, gradients accumulated by one backward pass, what "
+        ":class:`~pyro.infer.SVI` calls) and :meth:`differentiable_loss` (a tensor whose "
+        "``backward()`` gives the same gradients, for plain PyTorch optimizers); called as "
+        "``loss(model, guide)`` it is a :class:`torch.nn.Module` whose ``parameters()`` are "
+        "those of model and guide. All three draw the same particles for the same seed. "
+        "After each call :attr:`stats` holds the step's terms, bound and per-datapoint "
+        "effective sample size (:class:`~pyro_rws.StepStats`)."
+    ),
+}
+
+
+def shared_docs(cls):
+    """Replace each ``<<name>>`` line of ``cls.__doc__`` by ``SHARED_DOCS[name]``, indented."""
+
+    def fill(match):
+        indent, name = match.group(1), match.group(2)
+        return textwrap.fill(
+            SHARED_DOCS[name],
+            width=96,
+            initial_indent=indent,
+            subsequent_indent=indent + ("    " if name != "methods" else ""),
+            break_on_hyphens=False,
+        )
+
+    cls.__doc__ = re.sub(r"^( *)<<(\w+)>>$", fill, cls.__doc__, flags=re.M)
+    return cls
 
 
 class Loss(ELBO):

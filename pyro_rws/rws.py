@@ -10,13 +10,14 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
 from ._args import check_fraction
-from ._base import WakeSleepLoss
+from ._base import WakeSleepLoss, shared_docs
 from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
 from ._fantasy import FantasyArgs
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
 
+@shared_docs
 class ReweightedWakeSleep(WakeSleepLoss):
     r"""
     Reweighted Wake-Sleep [1, 2], with per-datapoint importance weights and minibatching.
@@ -87,8 +88,18 @@ class ReweightedWakeSleep(WakeSleepLoss):
 
     **Sleep phase.** The model runs unconditioned with the caller's arguments; the guide is
     called with each fantasy observation in place of the argument whose tensor the model
-    observed (see :mod:`pyro_rws._sleep` and ``fantasy_args``). A guide with an
-    ``observations`` keyword (Pyro's convention) receives ``{site: fantasy}`` there.
+    observed (see ``fantasy_args``). A guide with an ``observations`` keyword (Pyro's
+    convention) receives ``{site: fantasy}`` there.
+
+    <<methods>>
+
+    Example::
+
+        rws = RWS(num_particles=10)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=rws)
+        for step in range(num_steps):
+            svi.step(x)             # the negative importance-weighted bound, a float
+        print(rws.stats.bound, rws.stats.ess.min())
 
     .. note:: Cost per step: one vectorized guide run and one model replay for the wake phase
         (K particles); with ``insomnia < 1`` one more model run and guide run for the sleep phase.
@@ -99,18 +110,13 @@ class ReweightedWakeSleep(WakeSleepLoss):
         only), which Le et al. [2] found better in most settings.
     :param bool model_has_params: if False and ``insomnia == 0``, skip the wake phase (pure
         sleep; see :class:`~pyro_rws.SleepPhaseLoss`). Kept for compatibility with Pyro.
-    :param int num_sleep_particles: S, fantasies per datapoint of the batch. Default 1 (each
-        sleep particle already makes a fantasy for every datapoint). With S > 1 and
-        ``vectorize_particles=True`` the guide receives fantasies with an extra leading particle
-        dimension and must broadcast over it.
-    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`. Default True.
-    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param fantasy_args: how fantasies become guide arguments when the model's ``obs=`` tensor is
-        not itself an argument: a dict ``{observed site: argument position | keyword | None}``
-        or a callable ``(fantasies, *args, **kwargs) -> (args, kwargs)``.
+    <<num_sleep_particles>>
+    <<vectorize_particles>>
+    <<max_plate_nesting>>
+    <<fantasy_args>>
     :param bool strict_enumeration_warning: accepted for compatibility with Pyro; ignored
         (enumerated sites raise :class:`NotImplementedError`).
-    :param bool retain_graph: passed to ``backward``.
+    <<retain_graph>>
     :param bool dreg: use the doubly reparameterized wake-phi gradient (RWS-DReG [3]) for guide
         sites with ``rsample``. Default False.
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
-from ._base import WakeSleepLoss
+from ._base import WakeSleepLoss, shared_docs
 from ._fantasy import FantasyArgs
 from .diagnostics import StepStats
 
 
+@shared_docs
 class SleepPhaseLoss(WakeSleepLoss):
     r"""
     The sleep phase alone: amortized inference for a fixed model or simulator [1, 2, 3].
@@ -25,7 +26,7 @@ class SleepPhaseLoss(WakeSleepLoss):
     a Monte Carlo estimate of :math:`\mathbb{E}_{p(x)}\,\mathrm{KL}(p(z|x) \| q_\phi(z|x))` up to
     a constant. Model parameters receive no gradient (the model runs under ``no_grad``). The
     data passed to :meth:`loss` only fixes shapes and plate sizes; the guide sees fantasies in
-    its place (see ``fantasy_args`` in :class:`~pyro_rws.ReweightedWakeSleep`).
+    its place (see ``fantasy_args``).
 
     **Value.** The sleep-phi loss above, summed over the fantasies of a particle and scaled for
     subsampling, averaged over particles.
@@ -34,12 +35,23 @@ class SleepPhaseLoss(WakeSleepLoss):
     keyword required; with ``vectorize_particles=False`` each particle is a separate run, so the
     simulator may have stochastic control flow.
 
-    :param int num_particles: S, fantasies per datapoint of the batch.
-    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`. With S > 1 and
-        vectorization the guide receives fantasies with a leading particle dimension.
-    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param fantasy_args: see :class:`~pyro_rws.ReweightedWakeSleep`.
-    :param bool retain_graph: passed to ``backward``.
+    <<methods>>
+
+    Example (a simulator whose guide is trained on its own fantasies; ``x`` only fixes the
+    batch shape)::
+
+        svi = SVI(simulator, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  loss=SleepPhaseLoss(num_particles=10))
+        for step in range(num_steps):
+            svi.step(x)
+
+    :param int num_particles: S, fantasies per datapoint of the batch. With S > 1 the fantasies
+        carry a leading particle dim; a guide that cannot broadcast over it (it reads
+        ``len(x)``) is found on the first step and run once per particle.
+    <<vectorize_particles>>
+    <<max_plate_nesting>>
+    <<fantasy_args>>
+    <<retain_graph>>
 
     References
 

@@ -9,7 +9,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
-from ._base import WakeSleepLoss
+from ._base import WakeSleepLoss, shared_docs
 from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
@@ -31,6 +31,7 @@ def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(replaced, 1) - math.log(K)
 
 
+@shared_docs
 class VIMCO(WakeSleepLoss):
     r"""
     Variational inference for Monte Carlo objectives [1]: the importance-weighted bound
@@ -86,11 +87,20 @@ class VIMCO(WakeSleepLoss):
     .. note:: Unlike reweighted wake-sleep, the guide of an IWAE-type objective gets a weaker
         learning signal as K grows [2, 3]; compare both on your problem.
 
+    <<methods>>
+
+    Example::
+
+        vimco = VIMCO(num_particles=10)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=vimco)
+        for step in range(num_steps):
+            svi.step(x)             # the negative importance-weighted bound, a float
+
     :param int num_particles: K >= 2 (the baselines need at least one other particle); K = 1 is
         allowed with ``dreg=True`` if every guide site is reparameterized.
-    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param bool retain_graph: passed to ``backward``.
+    <<vectorize_particles>>
+    <<max_plate_nesting>>
+    <<retain_graph>>
     :param bool dreg: use the doubly reparameterized gradient (IWAE-DReG [4]) for guide sites with
         ``rsample``. Default False.
 

@@ -10,7 +10,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
-from ._base import WakeSleepLoss
+from ._base import WakeSleepLoss, shared_docs
 from ._fantasy import FantasyArgs
 from ._weights import check_finite_elbo, effective_sample_size, log_weights
 from .diagnostics import StepStats
@@ -18,6 +18,7 @@ from .diagnostics import StepStats
 PHASES = ("sleep", "wake")
 
 
+@shared_docs
 class WakeSleepELBO(WakeSleepLoss):
     r"""
     The classic wake-sleep algorithm [1], as in Edward's ``WakeSleep`` [2].
@@ -50,13 +51,21 @@ class WakeSleepELBO(WakeSleepLoss):
     subsampling combine freely (scales act inside, as in Pyro's ``Trace_ELBO``). With
     ``phase_q="wake"`` the weights are per datapoint, as in :class:`~pyro_rws.ReweightedWakeSleep`.
 
+    <<methods>>
+
+    Example::
+
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=WakeSleepELBO())
+        for step in range(num_steps):
+            svi.step(x)             # the negative ELBO estimate, a float
+
     :param int num_particles: K, guide samples per datapoint for the wake phase.
     :param str phase_q: ``"sleep"`` (default) or ``"wake"``.
-    :param int num_sleep_particles: S, fantasies per datapoint of the batch (default 1).
-    :param bool vectorize_particles: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param int max_plate_nesting: see :class:`~pyro_rws._base.WakeSleepLoss`.
-    :param fantasy_args: see :class:`~pyro_rws.ReweightedWakeSleep`.
-    :param bool retain_graph: passed to ``backward``.
+    <<num_sleep_particles>>
+    <<vectorize_particles>>
+    <<max_plate_nesting>>
+    <<fantasy_args>>
+    <<retain_graph>>
 
     References
 
