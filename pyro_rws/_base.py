@@ -96,6 +96,18 @@ def shared_docs(cls):
     return cls
 
 
+_NON_FINITE = (
+    "the loss is NaN: a log_prob returned NaN (check the distribution parameters computed there, "
+    "e.g. a network output).",
+    "the loss is inf: for some datapoint the particles have zero importance weight: the guide "
+    "proposes values the model gives probability zero. Make the guide's support match the "
+    "model's, or increase num_particles.",
+    "the loss is -inf: an importance weight is +inf: the guide gives probability zero (or the "
+    "model infinite density) to a sampled value. Check the guide's support against the model's.",
+)
+_DETAILS = " Enable validation (pyro.enable_validation(True)) for an error that names the site."
+
+
 class Loss(ELBO):
     """
     A loss computed by one method, ``_terms(model, guide, args, kwargs)``, which returns the
@@ -226,6 +238,8 @@ class WakeSleepLoss(Loss):
     # ----------------------------------------------------------------------------------------
     #: whether the loss scores the guide on fantasies (set by each estimator)
     uses_sleep_phase: bool = False
+    #: what a NaN, +inf or -inf value means (checked as the value is returned, validation off)
+    _non_finite = _NON_FINITE
 
     def _plate_nesting(self, model, guide, args, kwargs) -> int:
         """``max_plate_nesting`` (guessed on the first call), after checking the guide once."""
@@ -268,10 +282,18 @@ class WakeSleepLoss(Loss):
         )
 
     def _finish(self, value: torch.Tensor, stats: StepStats) -> float:
-        """Store the stats, watch the effective sample size, return the value as a float."""
+        """
+        Store the stats, watch the effective sample size, return the value as a float (the one
+        device synchronization of a step; with validation off, the finiteness of the bound is
+        checked here rather than on the tensor, which would need one more).
+        """
         self.stats = stats
         if stats.ess is None or stats.num_particles is None or stats.num_particles < 2:
-            return float(value)
-        loss, ess_mean = torch.stack([value.to(stats.ess.dtype), stats.ess.mean()]).tolist()
-        self._ess_monitor.update(ess_mean, stats.num_particles)
+            loss = float(value)
+        else:
+            loss, ess_mean = torch.stack([value.to(stats.ess.dtype), stats.ess.mean()]).tolist()
+            self._ess_monitor.update(ess_mean, stats.num_particles)
+        if stats.bound is not None and not math.isfinite(loss):
+            kind = 0 if math.isnan(loss) else 1 if loss > 0 else 2
+            raise ValueError(self._non_finite[kind] + _DETAILS)
         return loss

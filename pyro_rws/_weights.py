@@ -259,9 +259,11 @@ def _raise_nan(runs) -> None:
 def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
     """
     Raise a clear error if some datapoint has no particle with positive weight, or a weight is
-    NaN or infinite. ``runs`` (the traces) let the error name the offending sites.
+    NaN or infinite. ``runs`` (the traces) let the error name the offending sites. Only with
+    validation enabled (it synchronizes with the device); otherwise the loss checks the value it
+    returns as a float.
     """
-    if bool(torch.isfinite(bound).all()):
+    if not is_validation_enabled() or bool(torch.isfinite(bound).all()):
         return
     if bool(torch.isnan(log_w).any()):
         _raise_nan(runs)
@@ -280,7 +282,7 @@ def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> N
 
 def check_finite_elbo(elbo: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
     """Like :func:`check_finite_bound`, for estimators that average log-weights (the ELBO)."""
-    if bool(torch.isfinite(elbo)):
+    if not is_validation_enabled() or bool(torch.isfinite(elbo)):
         return
     if bool(torch.isnan(log_w).any()):
         _raise_nan(runs)

@@ -107,6 +107,15 @@ class WakeSleepELBO(WakeSleepLoss):
             )
         self.phase_q = phase_q
 
+    _non_finite = (
+        "the ELBO is NaN: a log_prob returned NaN (check the distribution parameters computed "
+        "there, e.g. a network output).",
+        "the ELBO is infinite: a guide sample has probability zero under the model "
+        "(log p(x, z) = -inf). Make the guide's support match the model's.",
+        "the ELBO is infinite: a guide sample has infinite density under the model or zero "
+        "under the guide (log w = +inf). Make the guide's support match the model's.",
+    )
+
     @property
     def uses_sleep_phase(self) -> bool:
         return self.phase_q == "sleep"
