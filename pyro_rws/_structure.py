@@ -145,7 +145,8 @@ def check_site_enumeration(name: str, infer: dict, role: str) -> None:
 
 class RejectEnumeration(poutine.messenger.Messenger):
     """
-    Raise at latent sites marked for enumeration. Wraps a program *inside* ``poutine.replay``,
+    Raise at latent sites marked for enumeration, and at plates whose subsample size differs
+    from the replayed minibatch's. Wraps a program *inside* ``poutine.replay``,
     which replaces a replayed site's ``infer`` dict by the other program's, so that a trace
     check afterwards would not see the flag.
     """
@@ -157,6 +158,17 @@ class RejectEnumeration(poutine.messenger.Messenger):
     def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"] and not site_is_subsample(msg):
             check_site_enumeration(msg["name"], msg["infer"] or {}, self.role)
+
+    def _pyro_post_sample(self, msg) -> None:
+        # a plate replaying the other program's indices: Pyro's own error would not name it
+        if site_is_subsample(msg) and msg["value"] is not None:
+            wanted = msg["fn"].subsample_size
+            if wanted is not None and wanted != len(msg["value"]):
+                raise ValueError(
+                    f"plate '{msg['name']}' has subsample size {wanted} in the {self.role} but "
+                    f"{len(msg['value'])} in the other program, whose minibatch it replays. Give "
+                    "the plate the same size and subsample size in model and guide."
+                )
 
 
 # --------------------------------------------------------------------------------------------

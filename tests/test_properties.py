@@ -580,6 +580,9 @@ def check_mismatched(loss_name, spec, mismatch, vectorize, seed):
         f"on {spec.program()}"
     )
     names = mismatch.names(spec)
+    # a documented limitation of the matched program may be what is reported first
+    _, has_sleep, per_datapoint = LOSSES[loss_name]
+    names = names | (allowed_error(spec, has_sleep, per_datapoint) or set())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EffectiveSampleSizeWarning)
         for method in METHODS:
