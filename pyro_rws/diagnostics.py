@@ -32,7 +32,7 @@ _LIBRARY_DIRS = tuple(
 _USER_DIRS = tuple(_LIBRARY_DIRS[0] + name + os.sep for name in ("cli", "examples"))
 
 
-def user_stacklevel() -> int:
+def _user_stacklevel() -> int:
     """
     The ``stacklevel`` that makes a warning raised by the caller of this function point at the
     first frame outside pyro_rws, Pyro and PyTorch: the user's ``svi.step(...)`` or
@@ -134,5 +134,5 @@ class ESSMonitor:
             f"{ess_mean:.3f}): one particle carries almost all the weight. The guide may have "
             "collapsed, or num_particles is too small for this guide.",
             EffectiveSampleSizeWarning,
-            stacklevel=user_stacklevel(),
+            stacklevel=_user_stacklevel(),
         )
