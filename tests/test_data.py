@@ -147,3 +147,27 @@ def test_shuffled_batches_cover_each_epoch():
     assert len(set(epoch.tolist())) == 9  # 3 full batches, the 10th row dropped this epoch
     with pytest.raises(ValueError, match="batch_size must be in"):
         next(shuffled_batches(data, 11))
+
+
+def test_progress_is_one_output_in_a_notebook(monkeypatch):
+    from pyro_rws.examples import progress as module
+
+    shown = []
+
+    class Handle:
+        def update(self, data, raw):
+            shown.append(data["text/plain"])
+
+    import IPython.display
+
+    monkeypatch.setattr(IPython.display, "display", lambda *args, **kwargs: Handle())
+    monkeypatch.setattr(module, "_in_jupyter", lambda: True)
+    for _ in module.progress(range(3), mininterval=0):
+        pass
+    assert shown and all("\r" not in line and "\n" not in line for line in shown)
+    assert shown[-1].startswith("100%") and "3/3" in shown[-1]
+    count = len(shown)
+    monkeypatch.setattr(module, "_in_jupyter", lambda: False)
+    for _ in module.progress(range(3), mininterval=0):  # the usual bar, on stderr
+        pass
+    assert len(shown) == count
