@@ -47,9 +47,13 @@ def load_data(name: str = "auto"):
     if name in ("auto", "mnist"):
         path = find_binarized_mnist()
         if path is None and name == "mnist":
-            from pyro_rws.examples.mnist import binarized_mnist_path
+            from pyro_rws.examples.mnist import DownloadError, binarized_mnist_path
 
-            path = binarized_mnist_path()  # downloads it once into the cache
+            try:
+                path = binarized_mnist_path()  # downloads it once into the cache
+            except DownloadError as e:
+                print(e, file=sys.stderr)
+                return None
         if path is not None:
             data = load_binarized_mnist(path)
             test = shuffled_test_split(data["test"])  # stored sorted by digit
