@@ -8,6 +8,7 @@ local HTTP server on 127.0.0.1 serves small generated .amat files; nothing reach
 import functools
 import hashlib
 import http.server
+import socket
 import threading
 
 import numpy as np
@@ -29,6 +30,13 @@ ROWS = {"train": 5, "valid": 3, "test": 4}
 def amat(images: np.ndarray) -> bytes:
     """The published text format: one image a line, 784 space-separated 0/1 digits."""
     return "".join(" ".join(map(str, row)) + "\n" for row in images.tolist()).encode()
+
+
+def closed_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: the connection is refused, as when offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
 @pytest.fixture
@@ -101,12 +109,7 @@ def test_wrong_size_is_rejected(served, tmp_path):
 
 def test_no_network_says_where_to_put_the_files(served, tmp_path):
     _, images, checksums, _, root = served
-    # a port on 127.0.0.1 where nothing listens: connection refused, as offline
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    closed = closed_url()
     cache = tmp_path / "cache"
     with pytest.raises(mnist.DownloadError) as info:
         mnist.binarized_mnist_path(cache, base_url=closed, checksums=checksums, timeout=5)
@@ -171,3 +174,16 @@ def test_progress_is_one_output_in_a_notebook(monkeypatch):
     for _ in module.progress(range(3), mininterval=0):  # the usual bar, on stderr
         pass
     assert len(shown) == count
+
+
+def test_cli_data_mnist_offline_exits_2_with_the_place(tmp_path, monkeypatch, capsys):
+    from pyro_rws import cli
+
+    closed = closed_url()
+    monkeypatch.setattr(mnist, "find_binarized_mnist", lambda: None)  # even where one exists
+    monkeypatch.setenv("PYRO_RWS_DATA", str(tmp_path))
+    monkeypatch.setenv("PYRO_RWS_MNIST_URL", closed)
+    assert cli.main(["sbn", "--data", "mnist", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --data mnist: could not download" in err and str(tmp_path) in err
+    assert list(tmp_path.iterdir()) == []
