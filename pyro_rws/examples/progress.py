@@ -27,10 +27,8 @@ class _DisplayLine:
 
     encoding = "utf-8"
 
-    def __init__(self):
-        from IPython.display import display
-
-        self._handle = display({"text/plain": ""}, raw=True, display_id=True)
+    def __init__(self, handle):
+        self._handle = handle
 
     def write(self, text: str) -> None:
         # tqdm redraws with "\r<bar>": keep what follows the last carriage return
@@ -42,8 +40,15 @@ class _DisplayLine:
         pass
 
 
+def _new_output():
+    """An empty notebook output and the handle that updates it."""
+    from IPython.display import display
+
+    return display({"text/plain": ""}, raw=True, display_id=True)
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
     """``tqdm(iterable, **kwargs)``, drawn as one output updated in place in a Jupyter kernel."""
     if _in_jupyter() and "file" not in kwargs:
-        kwargs["file"] = _DisplayLine()
+        kwargs["file"] = _DisplayLine(_new_output())
     return tqdm(iterable, **kwargs)
