@@ -35,20 +35,28 @@ def machine() -> str:
     )
 
 
-def _fixed() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
 def load_data(name: str = "auto"):
     """``(train, test, label)``: binarized MNIST when available (or asked for), else digits."""
-    from pyro_rws.examples.data import find_binarized_mnist, load_binarized_mnist, load_digits
+    from pyro_rws.examples.data import (
+        find_binarized_mnist,
+        load_binarized_mnist,
+        load_digits,
+        shuffled_test_split,
+    )
 
     if name in ("auto", "mnist"):
         path = find_binarized_mnist()
+        if path is None and name == "mnist":
+            from pyro_rws.examples.mnist import DownloadError, binarized_mnist_path
+
+            try:
+                path = binarized_mnist_path()  # downloads it once into the cache
+            except DownloadError as e:
+                print(e, file=sys.stderr)
+                return None
         if path is not None:
             data = load_binarized_mnist(path)
-            # the test split is sorted by digit: shuffle it once, with a fixed seed
-            test = data["test"][torch.randperm(len(data["test"]), generator=_fixed())]
+            test = shuffled_test_split(data["test"])  # stored sorted by digit
             return data["train"], test, "binarized MNIST (test split shuffled, seed 0)"
         if name == "mnist":
             return None

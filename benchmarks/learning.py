@@ -30,6 +30,7 @@ from _common import load_data, machine
 from pyro.infer import ReweightedWakeSleep as PyroRWS
 
 from pyro_rws import RWS, log_evidence
+from pyro_rws.examples.data import shuffled_batches
 from pyro_rws.examples.sbn import SBN
 
 
@@ -45,16 +46,12 @@ def train(name, train_x, test_x, args, seed):
     sbn = SBN(train_x.shape[-1], args.layers)
     loss = make_loss(name, args.particles)
     optim = torch.optim.Adam(sbn.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(seed)
+    batches = shuffled_batches(train_x, args.batch_size, torch.Generator().manual_seed(seed))
     num_data = len(train_x) if args.num_data else None
     curve = []
-    order, pos = torch.randperm(len(train_x), generator=gen), 0
     step_time = 0.0
     for step in range(1, args.steps + 1):
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(train_x), generator=gen), 0
-        x = train_x[order[pos : pos + args.batch_size]]
-        pos += args.batch_size
+        x = next(batches)
         t0 = time.perf_counter()
         optim.zero_grad()
         if name == "ours":

@@ -29,6 +29,7 @@ import torch
 from _common import load_data, machine
 
 from pyro_rws import RWS, VIMCO, WakeSleepELBO, log_evidence
+from pyro_rws.examples.data import shuffled_batches
 from pyro_rws.examples.sbn import SBN
 
 # test NLL in nats, Mnih & Gregor 2014 Table 1 as recalled in experiments.md (approximate)
@@ -55,14 +56,11 @@ def run(train_x, test_x, layers, name, K, args):
         sbn.decoders[0].bias.copy_(torch.log(mean) - torch.log1p(-mean))
     loss = LOSSES[name][1](K)
     optim = torch.optim.Adam(sbn.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(args.seed)
-    order, pos, steps, train_time = torch.randperm(len(train_x), generator=gen), 0, 0, 0.0
+    batches = shuffled_batches(train_x, args.batch_size, torch.Generator().manual_seed(args.seed))
+    steps, train_time = 0, 0.0
     budget = 60 * args.minutes
     while train_time < budget and (args.steps is None or steps < args.steps):
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(train_x), generator=gen), 0
-        x = train_x[order[pos : pos + args.batch_size]]
-        pos += args.batch_size
+        x = next(batches)
         t0 = time.perf_counter()
         optim.zero_grad()
         loss.differentiable_loss(sbn.model, sbn.guide, x).backward()
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
     pyro.enable_validation(False)
     loaded = load_data("mnist")
     if loaded is None:
-        print("binarized MNIST not found ($BINARIZED_MNIST or ../shared/data/); skipping")
+        print("binarized MNIST not found; skipping")
         return 0
     train_x, test_x, label = loaded
     test_x = test_x[: args.eval_points]

@@ -16,10 +16,35 @@ tensors (no recomputation, and no device synchronization until a number is read)
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
+import pyro
 import torch
+
+# Frames in these directories are library code: a warning points past them to the caller.
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (__file__, pyro.__file__, torch.__file__)
+)
+_USER_DIRS = tuple(_LIBRARY_DIRS[0] + name + os.sep for name in ("cli", "examples"))
+
+
+def _user_stacklevel() -> int:
+    """
+    The ``stacklevel`` that makes a warning raised by the caller of this function point at the
+    first frame outside pyro_rws, Pyro and PyTorch: the user's ``svi.step(...)`` or
+    ``loss.differentiable_loss(...)`` line, however deep the call went.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_LIBRARY_DIRS) or name.startswith(_USER_DIRS):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 class EffectiveSampleSizeWarning(UserWarning):
@@ -109,5 +134,5 @@ class ESSMonitor:
             f"{ess_mean:.3f}): one particle carries almost all the weight. The guide may have "
             "collapsed, or num_particles is too small for this guide.",
             EffectiveSampleSizeWarning,
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )

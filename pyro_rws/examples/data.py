@@ -1,20 +1,22 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Binary image data sets that need no download at run time.
+Binary image data sets and the minibatches drawn from them.
 
-* :func:`load_digits` binarizes scikit-learn's 8x8 digits (1797 images shipped inside the
-  package) at pixel > 7.
+* :func:`load_digits` binarizes scikit-learn's 8x8 digits (1797 images shipped inside
+  scikit-learn) at pixel > 7.
 * :func:`load_binarized_mnist` reads the standard binarized MNIST (Larochelle & Murray 2011)
   from a local ``.npz`` with keys ``train``, ``valid``, ``test`` of ``numpy.packbits`` rows.
-  :func:`find_binarized_mnist` looks for it in ``$BINARIZED_MNIST`` and in
-  ``../shared/data/binarized_mnist.npz`` relative to the working directory or to this
-  repository, and returns None when it is absent.
+  :func:`find_binarized_mnist` says where such a file is on this machine (or None);
+  :func:`pyro_rws.examples.mnist.binarized_mnist_path` downloads it when it is nowhere.
+* :func:`shuffled_test_split` and :func:`shuffled_batches`: the fixed random test subset and the
+  endless shuffled minibatches that the command line and the benchmarks train and evaluate on.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +36,21 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, dtype=torch.float32):
     return data[num_test:], data[:num_test]
 
 
+def cache_dir() -> Path:
+    """Where downloaded data is kept: ``$PYRO_RWS_DATA``, else ``~/.cache/pyro_rws``."""
+    return Path(os.environ.get("PYRO_RWS_DATA") or Path.home() / ".cache" / "pyro_rws")
+
+
 def find_binarized_mnist() -> Path | None:
-    """The path of the binarized MNIST file, or None if it is not on this machine."""
+    """
+    The path of the binarized MNIST ``.npz`` on this machine, or None. Looks, in this order, at
+    ``$BINARIZED_MNIST``, :func:`cache_dir` and ``shared/data/`` next to or above the working
+    directory and this repository.
+    """
     candidates = []
     if os.environ.get("BINARIZED_MNIST"):
         candidates.append(Path(os.environ["BINARIZED_MNIST"]))
+    candidates.append(cache_dir() / MNIST_FILE)
     repo = Path(__file__).resolve().parents[2]
     for base in (Path.cwd(), Path.cwd().parent, repo):
         candidates.append(base / ".." / "shared" / "data" / MNIST_FILE)
@@ -54,8 +66,8 @@ def load_binarized_mnist(path: str | os.PathLike, dtype=torch.float32) -> dict[s
     ``{"train", "valid", "test"}`` tensors of shape ``(n, 784)`` with values in {0, 1}.
 
     .. warning:: The splits are stored in file order, and the test split of the standard file is
-        sorted by digit: evaluate on a random subset (``test[torch.randperm(len(test))[:n]]``),
-        never on ``test[:n]``.
+        sorted by digit: evaluate on a random subset (:func:`shuffled_test_split`), never on
+        ``test[:n]``.
     """
     with np.load(path) as archive:
         return {
@@ -64,3 +76,26 @@ def load_binarized_mnist(path: str | os.PathLike, dtype=torch.float32) -> dict[s
             )
             for split in ("train", "valid", "test")
         }
+
+
+def shuffled_test_split(test: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """
+    ``test`` in a fixed random order, so that ``test[:n]`` is a fair subset (binarized MNIST's
+    test split is stored sorted by digit).
+    """
+    return test[torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))]
+
+
+def shuffled_batches(
+    data: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
+    """
+    Endless minibatches of ``batch_size`` rows of ``data``: each epoch a new random order
+    (drawn from ``generator``), the last incomplete batch of an epoch dropped.
+    """
+    if not 0 < batch_size <= len(data):
+        raise ValueError(f"batch_size must be in [1, {len(data)}], got {batch_size}")
+    while True:
+        order = torch.randperm(len(data), generator=generator)
+        for pos in range(0, len(order) - batch_size + 1, batch_size):
+            yield data[order[pos : pos + batch_size]]

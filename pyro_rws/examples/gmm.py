@@ -13,6 +13,8 @@ MLP 1-16-16-20 with tanh. Every step draws a fresh batch from the true model. Mo
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -39,12 +41,26 @@ def sample_data(num: int, generator: torch.Generator | None = None, dtype=torch.
     return 10.0 * c.to(dtype) + STD * noise
 
 
+def _log_joint(x: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+    """``log pi_c + log Normal(x | 10 c, 5)`` for each point and cluster, shape ``(len(x), 20)``."""
+    z = (x.unsqueeze(-1) - cluster_means(x)) / STD
+    return log_weights - 0.5 * z**2 - math.log(STD * math.sqrt(2 * math.pi))
+
+
+@torch.no_grad()
+def log_likelihood(x: torch.Tensor, log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Exact ``log p(x)`` of each point under the mixture with log-weights ``log_weights`` (the
+    true ones by default; ``torch.log_softmax(0.5 * gmm.theta, -1)`` for a learned model).
+    """
+    if log_weights is None:
+        log_weights = true_weights(x.dtype, x.device).log()
+    return torch.logsumexp(_log_joint(x, log_weights.to(x)), -1)
+
+
 def true_posterior(x: torch.Tensor) -> torch.Tensor:
     """``p_true(c | x)`` for each point, shape ``(len(x), 20)``."""
-    log_joint = true_weights(x.dtype, x.device).log() + dist.Normal(cluster_means(x), STD).log_prob(
-        x.unsqueeze(-1)
-    )
-    return torch.softmax(log_joint, -1)
+    return torch.softmax(_log_joint(x, true_weights(x.dtype, x.device).log()), -1)
 
 
 class GMM(nn.Module):
