@@ -100,7 +100,7 @@ def _check_shapes(role: str, data: dict, model: dict, data_role: str) -> None:
 
 class AdversarialLoss(Loss):
     """
-    Shared machinery of :class:`BiGAN` and :class:`GAN` (not used directly).
+    Shared machinery of :class:`~pyro_rws.BiGAN` and :class:`~pyro_rws.GAN` (not used directly).
 
     :param torch.nn.Module discriminator: returns one logit per pair (any shape; the objectives
         average over all of its elements).

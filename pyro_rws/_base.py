@@ -74,7 +74,7 @@ SHARED_DOCS = {
         "``loss(model, guide)`` it is a :class:`torch.nn.Module` whose ``parameters()`` are "
         "those of model and guide. All three draw the same particles for the same seed. "
         "After each call :attr:`stats` holds the step's terms, bound and per-datapoint "
-        "effective sample size (:class:`~pyro_rws.StepStats`)."
+        "effective sample size (:class:`~pyro_rws.diagnostics.StepStats`)."
     ),
 }
 

@@ -3,7 +3,7 @@
 """
 What a site is, and whether model and guide agree: the one model/guide structure check.
 
-Every loss runs :func:`check_model_guide_match` on each pair of traces, in the wake phase (guide
+Every loss runs ``check_model_guide_match`` on each pair of traces, in the wake phase (guide
 run, model replayed on it) and in the sleep phase (model run unconditioned, guide replayed on
 it). Importance weights, sleep-phase log-densities and subsample scales are only right when
 model and guide agree on which sites are latent and on the plates around them, so a mismatch is
