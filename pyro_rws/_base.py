@@ -24,6 +24,7 @@ from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
 
 from ._args import check_count
+from ._dreg import dreg_log_weights
 from ._fantasy import FantasyArgs, check_fantasy_args
 from ._sleep import SleepState, sleep_phi
 from ._structure import check_guide
@@ -264,6 +265,19 @@ class WakeSleepLoss(Loss):
             vectorize=self.vectorize_particles,
             plate_nesting=plate_nesting,
             detach=detach,
+        )
+
+    def _dreg_weights(self, model, guide, args, kwargs, runs, plate_nesting):
+        """Log-weights and DReG path terms of attached wake runs (see :mod:`pyro_rws._dreg`)."""
+        return dreg_log_weights(
+            model,
+            guide,
+            args,
+            kwargs,
+            runs,
+            num_particles=self.num_particles,
+            vectorize=self.vectorize_particles,
+            plate_nesting=plate_nesting,
         )
 
     def _sleep_phi(self, model, guide, args, kwargs, plate_nesting, minibatch, num_particles):

@@ -194,37 +194,17 @@ def _device(runs) -> torch.device:
 
 
 def sleep_phi(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    *,
-    num_particles: int,
-    vectorize: bool,
-    plate_nesting: int,
-    fantasy_args: FantasyArgs,
-    state: SleepState,
-    minibatch: Trace | None = None,
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, **options
 ) -> torch.Tensor:
     """
-    The sleep-phi loss ``-(1/S) sum_s log q(z_s | x_s)`` on fantasies (with graph). On the
-    first step with gradients, the fantasies handed to the guide are watched: a guide that reads
-    at most their shapes is not amortized, cannot learn from the sleep phase, and gets a warning.
+    The sleep-phi loss ``-(1/S) sum_s log q(z_s | x_s)`` on fantasies (with graph); ``options``
+    are those of :func:`sleep_traces`. On the first step with gradients, the fantasies handed to
+    the guide are watched: a guide that reads at most their shapes is not amortized, cannot
+    learn from the sleep phase, and gets a warning.
     """
+    state, num_particles = options["state"], options["num_particles"]
     probe = _Probe() if not state.probed and torch.is_grad_enabled() else None
-    runs = sleep_traces(
-        model,
-        guide,
-        args,
-        kwargs,
-        num_particles=num_particles,
-        vectorize=vectorize,
-        plate_nesting=plate_nesting,
-        fantasy_args=fantasy_args,
-        state=state,
-        minibatch=minibatch,
-        probe=probe,
-    )
+    runs = sleep_traces(model, guide, args, kwargs, probe=probe, **options)
     loss = -sleep_log_q(runs, num_particles)
     if probe is not None:
         state.probed = True

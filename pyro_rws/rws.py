@@ -11,7 +11,7 @@ from pyro.util import warn_if_nan
 
 from ._args import check_fraction
 from ._base import WakeSleepLoss, shared_docs
-from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
+from ._dreg import DRegWarningOnce, check_dreg, reparameterized_sites
 from ._fantasy import FantasyArgs
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
@@ -186,16 +186,7 @@ class ReweightedWakeSleep(WakeSleepLoss):
             any_reparameterized, _ = reparameterized_sites(runs)
             self._dreg_warning.check(any_reparameterized, type(self).__name__)
             if any_reparameterized and torch.is_grad_enabled():
-                dw = dreg_log_weights(
-                    model,
-                    guide,
-                    args,
-                    kwargs,
-                    runs,
-                    num_particles=self.num_particles,
-                    vectorize=self.vectorize_particles,
-                    plate_nesting=plate_nesting,
-                )
+                dw = self._dreg_weights(model, guide, args, kwargs, runs, plate_nesting)
                 lw, path, log_q_score = dw.detached, dw.path, dw.log_q_score
             else:  # nothing to reparameterize, or no gradient wanted: the plain estimator
                 for _, guide_trace in runs:

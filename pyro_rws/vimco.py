@@ -10,7 +10,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.util import warn_if_nan
 
 from ._base import WakeSleepLoss, shared_docs
-from ._dreg import DRegWarningOnce, check_dreg, dreg_log_weights, reparameterized_sites
+from ._dreg import DRegWarningOnce, check_dreg, reparameterized_sites
 from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
 from .diagnostics import StepStats
 
@@ -179,16 +179,7 @@ class VIMCO(WakeSleepLoss):
         return self._finish_terms(lw.scale, bound_detached, log_w_detached, surrogate)
 
     def _dreg_terms(self, model, guide, args, kwargs, runs, plate_nesting):
-        dw = dreg_log_weights(
-            model,
-            guide,
-            args,
-            kwargs,
-            runs,
-            num_particles=self.num_particles,
-            vectorize=self.vectorize_particles,
-            plate_nesting=plate_nesting,
-        )
+        dw = self._dreg_weights(model, guide, args, kwargs, runs, plate_nesting)
         lw = dw.detached
         log_w_detached = lw.log_p.detach() - lw.log_q.detach()
         bound_detached = log_mean_exp(log_w_detached)
