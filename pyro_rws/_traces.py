@@ -51,6 +51,14 @@ def replaying(fn: Callable, trace: Trace | None) -> Callable:
 
 Runs = list[tuple[Trace, Trace]]
 
+#: Added to errors raised by a program run with a particle dimension.
+VECTORIZED_NOTE = (
+    "pyro_rws: model and guide ran with vectorize_particles=True, with a particle dimension "
+    "left of their plates. If the program has stochastic control flow (a Python `if` or loop on "
+    "a sampled value) or reads plate sizes with len(x), pass vectorize_particles=False to the "
+    "loss (one run per particle), or make it broadcast over that dimension."
+)
+
 
 class DetachSamples(poutine.messenger.Messenger):
     """
@@ -96,12 +104,17 @@ def wake_traces(
     model = RejectEnumeration("model")(model)
     runs = []
     for _ in range(1 if vectorize else num_particles):
-        guide_trace = poutine.trace(replaying(guide, minibatch)).get_trace(*args, **kwargs)
-        if detach:
-            guide_trace.detach_()
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        try:
+            guide_trace = poutine.trace(replaying(guide, minibatch)).get_trace(*args, **kwargs)
+            if detach:
+                guide_trace.detach_()
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            if vectorize and num_particles > 1:
+                e.add_note(VECTORIZED_NOTE)
+            raise
         check_model_guide_match(model_trace, guide_trace, "wake", plate_nesting)
         if minibatch is None:
             minibatch = subsample_sites(guide_trace)

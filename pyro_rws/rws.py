@@ -1,5 +1,9 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
+"""
+Reweighted wake-sleep (:class:`ReweightedWakeSleep`, alias :class:`RWS`); its exact test is
+tests/test_exact.py, its DReG variant is tested in tests/test_dreg.py.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
+"""
+The sleep phase alone, for simulators and fixed models (:class:`SleepPhaseLoss`); its exact test
+is tests/test_exact.py.
+"""
 
 from __future__ import annotations
 

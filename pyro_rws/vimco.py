@@ -1,5 +1,9 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
+"""
+VIMCO: the importance-weighted bound with leave-one-out baselines (:class:`VIMCO`); its exact
+test is tests/test_vimco.py.
+"""
 
 from __future__ import annotations
 

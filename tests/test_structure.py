@@ -341,3 +341,20 @@ def test_guide_with_deeper_plates_than_the_model_asks_for_max_plate_nesting():
 
     with pytest.raises(ValueError, match=r"max_plate_nesting is 0.*Pass max_plate_nesting=2"):
         RWS(num_particles=2, vectorize_particles=False).loss(model, guide, torch.tensor(0.3))
+
+
+def test_vectorized_stochastic_control_flow_points_to_vectorize_particles():
+    def simulator(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        scale = 1.0 if z > 0 else 2.0  # a Python branch on a sampled value
+        pyro.sample("x", dist.Normal(z, scale), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.5 * x, 1.0))
+
+    with pytest.raises(RuntimeError) as info:
+        RWS(num_particles=5).loss(simulator, guide, torch.tensor(1.0))
+    assert "vectorize_particles=False" in "".join(getattr(info.value, "__notes__", []))
+    assert math.isfinite(
+        RWS(num_particles=5, vectorize_particles=False).loss(simulator, guide, torch.tensor(1.0))
+    )
