@@ -6,9 +6,13 @@ Compiled versions of the wake-sleep losses, after Pyro's ``JitTrace_ELBO``.
 ``JitReweightedWakeSleep`` (``JitRWS``), ``JitWakeSleepELBO``, ``JitSleepPhaseLoss`` and
 ``JitVIMCO`` compute exactly what their eager classes compute, but run model, guide and the
 estimator through Pyro's handlers only once per *graph key*: the first call records the whole
-step (guide run, model replay, sleep phase, log-weights, value, surrogate and statistics) with
-:func:`torch.jit.trace`, and later calls replay the recorded tensor operations, with fresh random
-draws, and no Python-level Pyro machinery in between.
+step (guide run, model replay, sleep phase, log-weights, value, surrogate and statistics) as a
+graph of ATen operations (``make_fx`` with ``pre_dispatch=True``, which keeps the ``no_grad``
+regions of the sleep phase), and later calls replay that graph, with fresh random draws from the
+same generator (so the same draws as the eager loss for the same seed) and none of the Python
+machinery of Pyro in between. ``jit_options={"backend": "inductor"}`` compiles the recorded
+graph with :func:`torch.compile` instead: much faster steps, at a compilation of tens of seconds
+per graph (see benchmarks/README.md for both).
 
 Parameters reach the graph as inputs, never as constants: parameters of the param store
 (``pyro.param``, ``pyro.module``) are looked up by name on every call (so that ``SVI`` sees and
@@ -23,12 +27,14 @@ is found during a first, eager run and passed by reference. Both ways of trainin
     loss_fn(x).backward()
 
 A new graph is recorded for each distinct (model, guide, tree structure of the arguments,
-shape/dtype/device of every tensor argument, value of every non-tensor argument, Pyro handlers
-active around the call other than SVI's parameter capture, loss settings such as
-``num_particles``); a changed batch size or keyword therefore recompiles and never reuses a stale
-graph. What the key cannot see is the programs' own Python state: models and guides must have
-static structure (no control flow that depends on sampled values or on Python randomness) and
-take their data as arguments.
+shape/dtype/device/requires_grad of every tensor argument, value of every non-tensor argument,
+Pyro handlers active around the call other than SVI's parameter capture, loss settings such as
+``num_particles``); a changed batch size or keyword therefore records a new graph and never
+reuses a stale one. What the key cannot see is the programs' own Python state: models and
+guides must have static structure (control flow that reads a tensor's value raises
+:class:`NotImplementedError` while recording; Python-level randomness is frozen) and take every
+tensor that changes between steps as an argument or parameter (other tensors are constants of
+the graph).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.util import warn_if_nan
+from torch._library.utils import is_impure
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
@@ -73,7 +80,6 @@ _SETTINGS = (
     "phase_q",
 )
 _STATS_FIELDS = tuple(f.name for f in fields(StepStats) if f.name != "num_particles")
-# TracerWarnings that mean the recorded graph froze a value that Python control flow read
 # what make_fx says when a program reads a tensor's value while it is being recorded
 _DATA_DEPENDENT = ("get value out of a tracing tensor", "data-dependent", "data dependent")
 
@@ -96,6 +102,70 @@ class _Recorder(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and id(t) not in self.seen:
                 self.made.add(id(t))
         return out
+
+
+def _frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def _simplify(captured: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """
+    Fewer operations to replay, the same results: drop unused pure operations, merge identical
+    pure operations under the same grad mode (random and mutating ones are never touched), and
+    drop grad-mode switches that change nothing. Every step runs these operations, so on small
+    programs (a few ms per step) their count is most of the replay's cost.
+    """
+    graph = captured.graph
+    graph.eliminate_dead_code()
+    # tensor constants that nothing reads: lift_fresh_copy + detach_ (in place, so kept by DCE)
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.detach_.default and not node.users:
+            source = node.args[0]
+            if source.target is torch.ops.aten.lift_fresh_copy.default and len(source.users) == 1:
+                graph.erase_node(node)
+                graph.erase_node(source)
+    graph.eliminate_dead_code()
+    mutating = any(
+        isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable
+        and n.target is not torch.ops.aten.detach_.default
+        for n in graph.nodes
+        if n.op == "call_function"
+    )
+    grad_mode = None  # the caller's until the first switch
+    seen = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch._C._set_grad_enabled:
+            following = node.next
+            if node.args[0] == grad_mode or (
+                following.op == "call_function" and following.target is torch._C._set_grad_enabled
+            ):
+                if not node.users:
+                    graph.erase_node(node)
+                    continue
+            grad_mode = node.args[0]
+            continue
+        if mutating or is_impure(node.target, args=node.args, kwargs=node.kwargs):
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs), grad_mode)
+        try:
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+    graph.eliminate_dead_code()
+    captured.recompile()
+    return captured
 
 
 def _identity(fn):
@@ -169,12 +239,11 @@ class _JitMixin:
     """
     Compiles ``_terms`` of the loss it is mixed into (see :mod:`pyro_rws.jit`).
 
-    :param bool ignore_jit_warnings: ignore :class:`torch.jit.TracerWarning` while recording.
-        If False (default), a tensor converted to a Python number or boolean while recording
-        (control flow that depends on a value, which the graph would freeze) raises a
-        :class:`NotImplementedError`, and other tracer warnings are shown.
-    :param dict jit_options: keyword arguments of :func:`torch.jit.trace` (default
-        ``{"check_trace": False}``, as in Pyro).
+    :param bool ignore_jit_warnings: silence the warnings that model and guide raise while the
+        step is recorded (as Pyro's ``ignore_jit_warnings``).
+    :param dict jit_options: ``{"backend": None}`` (default) replays the recorded graph;
+        ``{"backend": "inductor"}`` (or another :func:`torch.compile` backend) compiles it,
+        the other keys being passed to :func:`torch.compile`.
     """
 
     #: graphs kept per loss instance (least recently used ones are dropped)
@@ -267,8 +336,12 @@ class _JitMixin:
             devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
             state = _rng_state(devices)
         # without gradients (loss()) the captured graph runs as is: no second compilation
-        run = graph.compiled if torch.is_grad_enabled() else graph.captured
-        value, surrogate, stats = graph.unpack(run(*params, *tensors))
+        grad_mode = torch.is_grad_enabled()
+        run = graph.compiled if grad_mode else graph.captured
+        try:
+            value, surrogate, stats = graph.unpack(run(*params, *tensors))
+        finally:
+            torch._C._set_grad_enabled(grad_mode)  # the graph switches it around no_grad blocks
         if check and not bool(torch.isfinite(value)):
             # replay the same draws eagerly: its checks say which site went wrong
             _set_rng_state(state, devices)
@@ -357,7 +430,7 @@ class _JitMixin:
                         "graph would treat it as a constant. Compute it inside model or guide, "
                         "or pass it as an argument."
                     )
-        graph.captured = captured
+        graph.captured = _simplify(captured)
         graph.compiled = self._compile(captured)
         graph.layout = layout
         self.compile_count += 1
@@ -367,23 +440,27 @@ class _JitMixin:
 class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     """
     Compiled :class:`~pyro_rws.ReweightedWakeSleep`: the same estimator, value and
-    :attr:`stats`, recorded once per graph key with :func:`torch.jit.trace` and replayed.
+    :attr:`stats` (the same numbers for the same random seed), with the step recorded once per
+    graph key and replayed (see :mod:`pyro_rws.jit`).
 
     Takes the arguments of :class:`~pyro_rws.ReweightedWakeSleep`, plus
 
-    :param bool ignore_jit_warnings: ignore :class:`torch.jit.TracerWarning` while recording.
-        If False (default), converting a tensor to a Python value while recording (control flow
-        that depends on a sample) raises :class:`NotImplementedError`.
-    :param dict jit_options: keyword arguments of :func:`torch.jit.trace` (default
-        ``{"check_trace": False}``).
+    :param bool ignore_jit_warnings: silence warnings raised while the step is recorded.
+    :param dict jit_options: ``{"backend": None}`` (default): replay the recorded graph op by
+        op; ``{"backend": "inductor"}``: :func:`torch.compile` it (tens of seconds per graph,
+        then the fastest step; needs a C++ compiler on CPU); other keys go to
+        :func:`torch.compile`.
 
-    Limits (as Pyro's ``JitTrace_ELBO``): static model and guide structure; tensors that change
-    between steps passed as arguments (anything else read from outside is frozen at recording,
-    except parameters); ``vectorize_particles=True`` only. A different batch size, keyword
-    value, model, guide or handler context records a new graph (see :mod:`pyro_rws.jit`).
-    The first call per graph costs two eager steps and the recording. NaN and infinite values
-    are reported by :meth:`loss` and :meth:`loss_and_grads`, and by ``differentiable_loss``
-    only with validation on (the check needs a device synchronization).
+    Limits (as Pyro's ``JitTrace_ELBO``): static model and guide structure (a tensor's value
+    read by Python control flow raises :class:`NotImplementedError` while recording);
+    tensors that change between steps must be arguments or parameters (anything else is a
+    constant of the graph); ``vectorize_particles=True`` only. A different batch size,
+    non-tensor argument, model, guide, outer Pyro handler or setting records a new graph (up
+    to :attr:`max_graphs` are kept). The first call per graph runs the step eagerly once
+    (which creates parameters and runs the eager checks), records it, and replays it. NaN and
+    infinite values are reported with the eager message by :meth:`loss` and
+    :meth:`loss_and_grads`, and by ``differentiable_loss`` only with validation on (the check
+    needs a device synchronization).
     """
 
 
