@@ -104,6 +104,19 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+def _flatten(args, kwargs):
+    """Leaves and structure of the arguments (a fast path for tensors only, no keywords)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args), len(args)
+    return _pytree.tree_flatten((args, kwargs))
+
+
+def _unflatten(leaves, spec):
+    if isinstance(spec, int):
+        return tuple(leaves), {}
+    return _pytree.tree_unflatten(leaves, spec)
+
+
 def _frozen(value):
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
@@ -207,22 +220,36 @@ class _Graph:
         self.refs = refs  # keeps model, guide, handlers alive so that their ids stay unique
         self.captured = None
         self.param_shapes = None
+        self.last_params = None
 
     def params(self) -> list[torch.Tensor] | None:
         """The current parameters, or None if the param store no longer holds the same ones."""
         store = pyro.get_param_store()
         params = []
-        for name in self.store_names:
-            if name not in store:
-                return None
-            # through pyro.param, so that SVI's parameter capture sees the parameter
-            params.append(pyro.param(name).unconstrained())
+        if _PYRO_STACK:
+            for name in self.store_names:
+                if name not in store:
+                    return None
+                # through pyro.param, so that SVI's parameter capture sees the parameter
+                params.append(pyro.param(name).unconstrained())
+        else:  # nobody to tell: read the store's unconstrained tensors directly
+            unconstrained = store._params
+            for name in self.store_names:
+                p = unconstrained.get(name)
+                if p is None:
+                    return None
+                params.append(p)
         params.extend(self.other_params)
+        if self.last_params is not None and all(
+            p is q for p, q in zip(params, self.last_params, strict=True)
+        ):
+            return params
         shapes = [(p.shape, p.dtype, p.device) for p in params]
         if self.param_shapes is None:
             self.param_shapes = shapes
         elif shapes != self.param_shapes:
             return None
+        self.last_params = params
         return params
 
     def unpack(self, outputs):
@@ -317,7 +344,7 @@ class _JitMixin:
         return key, refs
 
     def _terms(self, model, guide, args, kwargs):
-        leaves, spec = _pytree.tree_flatten((args, kwargs))
+        leaves, spec = _flatten(args, kwargs)
         key, refs = self._key(model, guide, spec, leaves)
         graph = self._graphs.get(key)
         params = None if graph is None else graph.params()
@@ -391,7 +418,7 @@ class _JitMixin:
             flat = list(leaves)
             for pos, t in zip(tensor_positions, inputs[num_params:], strict=True):
                 flat[pos] = t
-            a, kw = _pytree.tree_unflatten(flat, spec)
+            a, kw = _unflatten(flat, spec)
             value, surrogate, stats = eager_terms(model, guide, a, kw)
             present = [n for n in _STATS_FIELDS if torch.is_tensor(getattr(stats, n))]
             is_tensor = torch.is_tensor(surrogate)
