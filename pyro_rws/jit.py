@@ -385,7 +385,8 @@ class _JitMixin:
         if backend is None:
             return captured
         if backend == "inductor":
-            # eager random number generation: the same draws as the eager loss
+            # random operations run as eager kernels (the draws can still come in another
+            # order than in the eager loss)
             options["options"] = {"fallback_random": True, **options.get("options", {})}
         options.setdefault("dynamic", False)
         return torch.compile(captured, backend=backend, **options)
@@ -467,7 +468,8 @@ class _JitMixin:
 class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     """
     Compiled :class:`~pyro_rws.ReweightedWakeSleep`: the same estimator, value and
-    :attr:`stats` (the same numbers for the same random seed), with the step recorded once per
+    :attr:`stats` (with the default backend, the same numbers for the same random seed), with
+    the step recorded once per
     graph key and replayed (see :mod:`pyro_rws.jit`).
 
     Takes the arguments of :class:`~pyro_rws.ReweightedWakeSleep`, plus
