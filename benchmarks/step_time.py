@@ -1,13 +1,16 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Per-step time and peak memory of ``pyro_rws.ReweightedWakeSleep`` against Pyro's built-in
+Per-step time and peak memory of ``pyro_rws.ReweightedWakeSleep`` (eager, and compiled:
+``pyro_rws.JitRWS`` as a torch module and through ``SVI``) against Pyro's built-in
 ``pyro.infer.ReweightedWakeSleep`` and a hand-written PyTorch implementation of the same
 estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in one process.
 
     python benchmarks/step_time.py                      # MNIST 784-200 if present, else digits
     python benchmarks/step_time.py --data digits --layers 16
     python benchmarks/step_time.py --particles 5,20 --batch-sizes 32 --rounds 5 --no-memory
+    python benchmarks/step_time.py --data digits --layers 64 --particles 5,50 \
+        --contenders jit,jit-svi,jit-inductor,ours,pyro,hand     # the compiled losses
 
 Timing: the step functions share one SBN and one ``torch.optim.Adam``; they run interleaved in
 ``--rounds`` rounds (order reversed every other round), each a block of steps sized to take about
@@ -38,15 +41,19 @@ import torch
 from _common import hand_rws_loss, load_data, machine
 from pyro.infer import ReweightedWakeSleep as PyroRWS
 
-from pyro_rws import RWS
+from pyro_rws import RWS, JitRWS
 from pyro_rws.examples.sbn import SBN
 
-NAMES = ("ours", "ours-svi", "pyro", "hand")
+NAMES = ("ours", "ours-svi", "pyro", "hand", "jit", "jit-svi", "jit-inductor")
+DEFAULT = "ours,ours-svi,pyro,hand"
 LABELS = {
     "ours": "pyro_rws RWS (differentiable_loss + backward)",
     "ours-svi": "pyro_rws RWS (loss_and_grads, the SVI path)",
     "pyro": "pyro.infer.ReweightedWakeSleep (loss_and_grads)",
     "hand": "hand-written PyTorch",
+    "jit": "pyro_rws JitRWS as a torch module, torch.optim.Adam (recorded graph replayed)",
+    "jit-svi": "pyro_rws JitRWS through pyro.infer.SVI with pyro.optim.Adam",
+    "jit-inductor": "pyro_rws JitRWS(jit_options={'backend': 'inductor'}) as a torch module",
 }
 
 
@@ -54,6 +61,14 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
     optim = torch.optim.Adam(sbn.parameters(), lr=lr)
     ours = RWS(num_particles=K, insomnia=1.0, max_plate_nesting=1)
     theirs = PyroRWS(num_particles=K, insomnia=1.0, vectorize_particles=True, max_plate_nesting=1)
+    jit_module = JitRWS(K, insomnia=1.0, max_plate_nesting=1)(sbn.model, sbn.guide)
+    inductor = JitRWS(K, max_plate_nesting=1, jit_options={"backend": "inductor"})
+    inductor_module = inductor(sbn.model, sbn.guide)
+    # SVI: the SBN's parameters are in the param store (pyro.module); pyro.optim keeps its own
+    # Adam per parameter
+    svi = pyro.infer.SVI(
+        sbn.model, sbn.guide, pyro.optim.Adam({"lr": lr}), loss=JitRWS(K, max_plate_nesting=1)
+    )
 
     def step_ours(x):
         optim.zero_grad()
@@ -75,7 +90,28 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
         hand_rws_loss(sbn, x, K).backward()
         optim.step()
 
-    return {"ours": step_ours, "ours-svi": step_ours_svi, "pyro": step_pyro, "hand": step_hand}
+    def step_jit(x):
+        optim.zero_grad()
+        jit_module(x).backward()
+        optim.step()
+
+    def step_jit_inductor(x):
+        optim.zero_grad()
+        inductor_module(x).backward()
+        optim.step()
+
+    def step_jit_svi(x):
+        svi.step(x)
+
+    return {
+        "ours": step_ours,
+        "ours-svi": step_ours_svi,
+        "pyro": step_pyro,
+        "hand": step_hand,
+        "jit": step_jit,
+        "jit-svi": step_jit_svi,
+        "jit-inductor": step_jit_inductor,
+    }
 
 
 def check_same_gradient(sbn: SBN, x: torch.Tensor, K: int) -> float:
@@ -110,9 +146,12 @@ def time_config(train, layers, K, B, rounds, block_seconds, names):
     x0 = next(data)
     rel_err = check_same_gradient(sbn, x0, K)
     # warm-up and calibration: the block size makes one block take about block_seconds
-    per_step = {}
+    per_step, first = {}, {}
     for name in names:
-        for _ in range(3):
+        t0 = time.perf_counter()
+        steps[name](next(data))  # a compiled loss records (and compiles) its graph here
+        first[name] = time.perf_counter() - t0
+        for _ in range(2):
             steps[name](next(data))
         t0 = time.perf_counter()
         for _ in range(3):
@@ -128,7 +167,7 @@ def time_config(train, layers, K, B, rounds, block_seconds, names):
             for x in xs:
                 steps[name](x)
             times[name].append(1000 * (time.perf_counter() - t0) / block)
-    return {n: statistics.median(t) for n, t in times.items()}, block, rel_err
+    return {n: statistics.median(t) for n, t in times.items()}, block, rel_err, first
 
 
 def _proc_status() -> dict[str, int]:
@@ -208,6 +247,11 @@ def main(argv=None) -> int:
     p.add_argument("--block-seconds", type=float, default=0.25)
     p.add_argument("--no-memory", action="store_true", help="skip the memory table")
     p.add_argument("--no-timing", action="store_true", help="skip the timing table")
+    p.add_argument(
+        "--contenders",
+        default=DEFAULT,
+        help="comma-separated, from: " + ", ".join(NAMES) + f" (default {DEFAULT})",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     # subprocess mode (memory)
     p.add_argument("--child", choices=NAMES, help=argparse.SUPPRESS)
@@ -231,41 +275,59 @@ def main(argv=None) -> int:
     )
     Ks = [int(t) for t in args.particles.split(",")]
     Bs = [int(t) for t in args.batch_sizes.split(",")]
-    names = list(NAMES)
+    names = [n.strip() for n in args.contenders.split(",")]
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        p.error(f"unknown contenders {unknown}; choose from {', '.join(NAMES)}")
+    if "hand" not in names:
+        names.append("hand")
+    others = [n for n in names if n != "hand"]
     arch = "-".join(map(str, (train.shape[-1], *layers)))
     print(f"# step time: SBN {arch} on {label}")
     print(f"# {machine()}")
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; validation off; {args.rounds} interleaved rounds"
     )
+    for n in names:
+        print(f"# {n}: {LABELS[n]}")
     print()
+    results = [{"K": K, "B": B} for B in Bs for K in Ks]
     if not args.no_timing:
         print(
-            "| K | B | ours ms | ours (SVI path) ms | Pyro RWS ms | hand ms | ours/hand "
-            "| ours/Pyro | steps/block | grad rel. diff ours vs hand |"
+            "| K | B | "
+            + " | ".join(f"{n} ms" for n in names)
+            + " | "
+            + " | ".join(f"{n}/hand" for n in others)
+            + " | steps/block | grad rel. diff ours vs hand | first call s (recording) |"
         )
-    if not args.no_timing:
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    results = [{"K": K, "B": B} for B in Bs for K in Ks]
+        print("|---:|---:|" + "---:|" * (len(names) + len(others) + 3))
     for row in results if not args.no_timing else []:
         K, B = row["K"], row["B"]
-        ms, block, rel_err = time_config(
+        ms, block, rel_err, first = time_config(
             train, layers, K, B, args.rounds, args.block_seconds, names
         )
-        row.update(ms=ms, block=block, grad_rel_diff=rel_err)
+        row.update(ms=ms, block=block, grad_rel_diff=rel_err, first_call_s=first)
+        compiled = ", ".join(f"{n} {first[n]:.1f}" for n in names if n.startswith("jit"))
         print(
-            f"| {K} | {B} | {ms['ours']:.2f} | {ms['ours-svi']:.2f} | {ms['pyro']:.2f} "
-            f"| {ms['hand']:.2f} | {ms['ours'] / ms['hand']:.2f} "
-            f"| {ms['ours'] / ms['pyro']:.2f} "
-            f"| {block} | {rel_err:.1e} |",
+            f"| {K} | {B} | "
+            + " | ".join(f"{ms[n]:.2f}" for n in names)
+            + " | "
+            + " | ".join(f"**{ms[n] / ms['hand']:.2f}**" for n in others)
+            + f" | {block} | {rel_err:.1e} | {compiled or '-'} |",
             flush=True,
         )
     if not args.no_memory:
         print()
         print("Peak RSS of a step above the RSS before it (MiB; subprocess per cell, VmHWM reset):")
         print()
-        print("| K | B | ours | ours (SVI path) | Pyro RWS | hand | ours/hand | ours/Pyro |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| K | B | "
+            + " | ".join(names)
+            + " | "
+            + " | ".join(f"{n}/hand" for n in others)
+            + " |"
+        )
+        print("|---:|---:|" + "---:|" * (len(names) + len(others)))
         for row in results:
             mem = {n: measure_memory(n, train.shape[-1], layers, row["K"], row["B"]) for n in names}
             row["peak_rss_mib"] = mem
@@ -274,9 +336,11 @@ def main(argv=None) -> int:
                 return f"{a / b:.2f}" if b > 0.5 else "n/a"
 
             print(
-                f"| {row['K']} | {row['B']} | {mem['ours']:.1f} | {mem['ours-svi']:.1f} "
-                f"| {mem['pyro']:.1f} | {mem['hand']:.1f} | {ratio(mem['ours'], mem['hand'])} "
-                f"| {ratio(mem['ours'], mem['pyro'])} |",
+                f"| {row['K']} | {row['B']} | "
+                + " | ".join(f"{mem[n]:.1f}" for n in names)
+                + " | "
+                + " | ".join(ratio(mem[n], mem["hand"]) for n in others)
+                + " |",
                 flush=True,
             )
     if args.json:
@@ -285,7 +349,8 @@ def main(argv=None) -> int:
                 {"arch": arch, "data": label, "machine": machine(), "rows": results}, indent=1
             )
         )
-    return 0 if all(math.isfinite(r.get("ms", {}).get("ours", 0.0)) for r in results) else 1
+    finite = all(math.isfinite(v) for r in results for v in r.get("ms", {}).values())
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 from .adversarial import ALI, GAN, AdversarialStats, BiGAN
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
+from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
 from .rws import RWS, ReweightedWakeSleep
 from .sleep_phase import SleepPhaseLoss
 from .vimco import VIMCO
@@ -17,6 +18,11 @@ __all__ = [
     "AdversarialStats",
     "BiGAN",
     "GAN",
+    "JitRWS",
+    "JitReweightedWakeSleep",
+    "JitSleepPhaseLoss",
+    "JitVIMCO",
+    "JitWakeSleepELBO",
     "RWS",
     "EffectiveSampleSizeWarning",
     "ReweightedWakeSleep",

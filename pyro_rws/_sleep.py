@@ -38,7 +38,7 @@ from ._structure import (
     is_latent,
 )
 from ._traces import in_particle_plate, replaying, subsample_sites
-from ._weights import site_log_prob
+from ._weights import recording, site_log_prob
 
 
 class Uncondition(poutine.uncondition_messenger.UnconditionMessenger):
@@ -203,7 +203,8 @@ def sleep_phi(
     learn from the sleep phase, and gets a warning.
     """
     state, num_particles = options["state"], options["num_particles"]
-    probe = _Probe() if not state.probed and torch.is_grad_enabled() else None
+    watch = not state.probed and torch.is_grad_enabled() and not recording()
+    probe = _Probe() if watch else None
     runs = sleep_traces(model, guide, args, kwargs, probe=probe, **options)
     loss = -sleep_log_q(runs, num_particles)
     if probe is not None:

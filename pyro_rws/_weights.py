@@ -25,6 +25,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ._structure import is_deterministic, is_latent, is_sample, plate_frames
 
@@ -256,6 +257,11 @@ def _raise_nan(runs) -> None:
     )
 
 
+def recording() -> bool:
+    """True while :mod:`pyro_rws.jit` records a step: no concrete values (it checks them after)."""
+    return get_proxy_mode() is not None
+
+
 def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
     """
     Raise a clear error if some datapoint has no particle with positive weight, or a weight is
@@ -263,7 +269,7 @@ def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> N
     validation enabled (it synchronizes with the device); otherwise the loss checks the value it
     returns as a float.
     """
-    if not is_validation_enabled() or bool(torch.isfinite(bound).all()):
+    if not is_validation_enabled() or recording() or bool(torch.isfinite(bound).all()):
         return
     if bool(torch.isnan(log_w).any()):
         _raise_nan(runs)
@@ -282,7 +288,7 @@ def check_finite_bound(bound: torch.Tensor, log_w: torch.Tensor, runs=None) -> N
 
 def check_finite_elbo(elbo: torch.Tensor, log_w: torch.Tensor, runs=None) -> None:
     """Like :func:`check_finite_bound`, for estimators that average log-weights (the ELBO)."""
-    if not is_validation_enabled() or bool(torch.isfinite(elbo)):
+    if not is_validation_enabled() or recording() or bool(torch.isfinite(elbo)):
         return
     if bool(torch.isnan(log_w).any()):
         _raise_nan(runs)
