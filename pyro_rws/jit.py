@@ -487,8 +487,8 @@ class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     non-tensor argument, model, guide, outer Pyro handler or setting records a new graph (up
     to :attr:`max_graphs` are kept). The first call per graph runs the step eagerly once
     (which creates parameters and runs the eager checks), records it, and replays it. NaN and
-    infinite values are reported with the eager message by :meth:`loss` and
-    :meth:`loss_and_grads`, and by ``differentiable_loss`` only with validation on (the check
+    infinite values are reported with the eager message by ``loss`` and
+    ``loss_and_grads``, and by ``differentiable_loss`` only with validation on (the check
     needs a device synchronization).
     """
 
