@@ -468,7 +468,7 @@ class _JitMixin:
 class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     """
     Compiled :class:`~pyro_rws.ReweightedWakeSleep`: the same estimator, value and
-    :attr:`stats` (with the default backend, the same numbers for the same random seed), with
+    ``stats`` (with the default backend, the same numbers for the same random seed), with
     the step recorded once per
     graph key and replayed (see :mod:`pyro_rws.jit`).
 
@@ -485,7 +485,7 @@ class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     tensors that change between steps must be arguments or parameters (anything else is a
     constant of the graph); ``vectorize_particles=True`` only. A different batch size,
     non-tensor argument, model, guide, outer Pyro handler or setting records a new graph (up
-    to :attr:`max_graphs` are kept). The first call per graph runs the step eagerly once
+    to ``max_graphs`` are kept). The first call per graph runs the step eagerly once
     (which creates parameters and runs the eager checks), records it, and replays it. NaN and
     infinite values are reported with the eager message by ``loss`` and
     ``loss_and_grads``, and by ``differentiable_loss`` only with validation on (the check
