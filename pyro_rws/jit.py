@@ -262,6 +262,10 @@ class _Graph:
         return value, surrogate, stats
 
 
+def _is_cuda(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cuda"
+
+
 class _JitMixin:
     """
     Compiles ``_terms`` of the loss it is mixed into (see :mod:`pyro_rws.jit`).
@@ -349,7 +353,12 @@ class _JitMixin:
         graph = self._graphs.get(key)
         params = None if graph is None else graph.params()
         if params is None:
+            # recording runs the step twice: undo its draws, so the first call's replay draws
+            # what the eager loss would for the same seed
+            devices = sorted({t.device.index or 0 for t in leaves if _is_cuda(t)})
+            state = _rng_state(devices)
             graph = self._record(model, guide, args, kwargs, leaves, spec, refs)
+            _set_rng_state(state, devices)
             # the first run may have fixed settings (max_plate_nesting guessed): key again
             key, _ = self._key(model, guide, spec, leaves)
             self._graphs[key] = graph

@@ -505,3 +505,37 @@ def test_inductor_backend_same_as_eager():
     torch.testing.assert_close(v1, v0, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rws", "rws-insomnia", "vimco"])
+def test_first_call_draws_what_eager_draws(name):
+    """Recording runs the step twice; the first call's value and gradients are still eager's."""
+
+    def model(x):
+        loc = pyro.param("m", torch.tensor(0.3))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.param("a", torch.tensor(0.2))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(a * x, 1.0))
+
+    make = {
+        "rws": lambda cls: cls(5),
+        "rws-insomnia": lambda cls: cls(5, insomnia=0.5),
+        "vimco": lambda cls: cls(5),
+    }[name]
+    eager_cls, jit_cls = (RWS, JitRWS) if name != "vimco" else (VIMCO, JitVIMCO)
+    x = torch.tensor([0.3, -1.2, 0.8, 2.0])
+    results = []
+    for cls in (eager_cls, jit_cls):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(7)
+        value = make(cls).loss_and_grads(model, guide, x)
+        grads = {n: p.grad.clone() for n, p in pyro.get_param_store().named_parameters()}
+        results.append((value, grads))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-10, atol=1e-12)
