@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Reweighted wake-sleep (:class:`ReweightedWakeSleep`, alias :class:`RWS`); its exact test is
-tests/test_exact.py, its DReG variant is tested in tests/test_dreg.py.
+tests/test_rws.py, its DReG variant is tested in tests/test_dreg.py.
 """
 
 from __future__ import annotations

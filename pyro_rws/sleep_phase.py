@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The sleep phase alone, for simulators and fixed models (:class:`SleepPhaseLoss`); its exact test
-is tests/test_exact.py.
+is tests/test_sleep_phase.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The classic wake-sleep algorithm (:class:`WakeSleepELBO`); its exact test is
-tests/test_exact.py.
+tests/test_wake_sleep.py.
 """
 
 from __future__ import annotations

@@ -140,3 +140,70 @@ def expected_grad(loss, x, K, names, vectorized=True):
         value = loss.differentiable_loss(model, with_draws(guide, z, vectorized), x)
         total = total + prob * value
     return torch.autograd.grad(total, params(names)), total.detach()
+
+
+# ------------------------------------------------------------------------------------------
+# exact targets shared by the estimators' exact tests (test_rws, test_wake_sleep, ...)
+# ------------------------------------------------------------------------------------------
+X = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+
+def assert_close(actual, expected, tol=1e-10):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+
+
+def exact_wake_theta_grad(K):
+    """-grad_theta sum_n E[IWAE_K(x_n)], with q held fixed: the expected wake-theta gradient."""
+    target = -sum(iwae(int(x), K, detach_q=True) for x in X)
+    return torch.autograd.grad(target, params(THETA)), target.detach()
+
+
+def exact_wake_phi_grad(K, data=X):
+    """E over K-tuples, per datapoint, of -sum_k sg(wbar_k) grad_phi log q(z_k | x)."""
+    lp, lq = log_joint_table().detach(), log_guide_table()
+    total = 0.0
+    for x in data.long():
+        zs = tuples(K)
+        log_q = lq[x][zs]  # (C**K, K), with graph to phi
+        log_w = lp[x][zs] - log_q.detach()
+        prob = log_q.detach().sum(-1).exp()
+        wbar = torch.softmax(log_w, -1)
+        total = total + (prob * -(wbar * log_q).sum(-1)).sum()
+    return torch.autograd.grad(total, params(PHI))
+
+
+def exact_sleep_phi_grad(num_data):
+    """-num_data * sum_{x,z} p(x, z) grad_phi log q(z | x): each datapoint makes one fantasy."""
+    log_p = log_joint_table().detach()
+    total = -num_data * (log_p.exp() * log_guide_table()).sum()
+    return torch.autograd.grad(total, params(PHI))
+
+
+def exact_joint_theta_grad(K):
+    """What an estimator with ONE weight per batch (log w_k = sum_n log w_kn) has in expectation."""
+    lp, lq = log_joint_table(), log_guide_table().detach()
+    total = 0.0
+    for z, prob in joint_draws(X, K):
+        log_w = (lp[X.long(), z] - lq[X.long(), z]).sum(-1)  # (K,)
+        total = total - prob * (torch.logsumexp(log_w, 0) - torch.log(torch.tensor(float(K))))
+    return torch.autograd.grad(total, params(THETA))
+
+
+# ------------------------------------------------------------------------------------------
+# subsampling: the average minibatch estimate equals the full-data expectation
+# ------------------------------------------------------------------------------------------
+X4 = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+
+
+def model_sub(x, batch):
+    prior, emit = pyro.param("prior"), pyro.param("emit")
+    with pyro.plate("data", len(x), subsample_size=batch) as idx:
+        z = pyro.sample("z", dist.Categorical(logits=prior))
+        pyro.sample("x", dist.Bernoulli(logits=emit[z]), obs=x[idx])
+
+
+def guide_sub(x, batch):
+    table = pyro.param("table")
+    with pyro.plate("data", len(x), subsample_size=batch) as idx:
+        pyro.sample("z", dist.Categorical(logits=table[x[idx].long()]))

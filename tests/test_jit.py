@@ -4,7 +4,7 @@
 The compiled losses (pyro_rws.jit) against their eager classes: the same value, statistics and
 gradients for the same random draws, in both ways of training (SVI with the param store, and a
 torch module whose nn.Parameters are not in the store); the exact-enumeration targets of
-test_exact.py and test_vimco.py; recompilation when the structure changes; clear errors.
+test_rws.py, test_wake_sleep.py, test_sleep_phase.py and test_vimco.py; recompilation when the structure changes; clear errors.
 """
 
 from __future__ import annotations
@@ -19,26 +19,24 @@ import torch
 from discrete import (
     PHI,
     THETA,
-    FixFantasies,
-    fixed_trace,
-    guide,
-    init_params,
-    iwae,
-    joint_draws,
-    log_joint_table,
-    model,
-    params,
-)
-from test_exact import (
     X4,
+    FixFantasies,
     X,
     assert_close,
     exact_sleep_phi_grad,
     exact_wake_phi_grad,
     exact_wake_theta_grad,
+    fixed_trace,
+    guide,
     guide_sub,
+    init_params,
+    iwae,
+    joint_draws,
     log_guide_table,
+    log_joint_table,
+    model,
     model_sub,
+    params,
 )
 from torch import nn
 from torch.distributions import constraints
@@ -229,7 +227,7 @@ def test_torch_optim_and_svi_train_the_same_way():
 
 
 # ------------------------------------------------------------------------------------------
-# exact expectations by enumeration (targets from test_exact.py): the draws and fantasies are
+# exact expectations by enumeration (targets from tests/discrete.py): the draws and fantasies are
 # passed as tensor arguments, as a compiled loss needs, so one graph serves every term
 # ------------------------------------------------------------------------------------------
 def model_d(x, z, *fantasies):
