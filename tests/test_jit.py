@@ -4,7 +4,8 @@
 The compiled losses (pyro_rws.jit) against their eager classes: the same value, statistics and
 gradients for the same random draws, in both ways of training (SVI with the param store, and a
 torch module whose nn.Parameters are not in the store); the exact-enumeration targets of
-test_rws.py, test_wake_sleep.py, test_sleep_phase.py and test_vimco.py; recompilation when the structure changes; clear errors.
+test_rws.py, test_wake_sleep.py, test_sleep_phase.py and test_vimco.py; recompilation when
+the structure changes; clear errors.
 """
 
 from __future__ import annotations
