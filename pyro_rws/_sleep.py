@@ -190,4 +190,12 @@ def sleep_log_q(runs: list[tuple[Trace, Trace]], num_particles: int) -> torch.Te
         for site in guide_trace.nodes.values():
             if is_latent(site):
                 total = total + site_log_prob(site).sum()
+    if not torch.is_tensor(total):  # a guide without latents: every model latent enumerated
+        like = next(
+            s["value"]
+            for s in runs[0][0].nodes.values()
+            if s["type"] == "sample" and torch.is_tensor(s["value"])
+        )
+        dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+        total = torch.zeros((), dtype=dtype, device=like.device)
     return total / num_particles

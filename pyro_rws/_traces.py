@@ -19,6 +19,8 @@ import torch
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
+from ._enum import enumerate_model, enumerated_site_error
+
 #: Name of the plate that vectorizes particles (the same name Pyro's own ELBOs use).
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -105,7 +107,9 @@ def wake_traces(
     ``-(plate_nesting + 1)``. Sequential: one pair per particle, all on the same minibatch (the
     first particle's subsample indices, or ``minibatch`` if given, are replayed into the others).
     With ``detach`` the guide's sample values are detached, so no gradient flows through them
-    (RWS, wake-sleep); VIMCO keeps them attached for its pathwise term.
+    (RWS, wake-sleep); VIMCO keeps them attached for its pathwise term. Model sites marked for
+    parallel enumeration that the guide does not sample are enumerated, in dimensions left of
+    the plates and of the particle plate (see :mod:`pyro_rws._enum`).
     """
     _check_guide(guide)
     if vectorize:
@@ -117,7 +121,9 @@ def wake_traces(
         if detach:
             guide_trace.detach_()
         model_trace = poutine.trace(
-            poutine.replay(_RejectEnumeration("model")(model), trace=guide_trace)
+            poutine.replay(
+                enumerate_model(model, guide_trace, plate_nesting, vectorize), trace=guide_trace
+            )
         ).get_trace(*args, **kwargs)
         check_wake_match(model_trace, guide_trace)
         if minibatch is None:
@@ -126,42 +132,41 @@ def wake_traces(
     return runs
 
 
-def _check_site_enumeration(name: str, infer: dict, role: str) -> None:
-    if infer.get("enumerate"):
-        raise NotImplementedError(
-            f"{role} site '{name}' is marked for enumeration "
-            f"(infer={{'enumerate': {infer['enumerate']!r}}}). pyro_rws samples every "
-            "latent from the guide and does not enumerate; remove config_enumerate / the "
-            "'enumerate' flag, or use pyro.infer.TraceEnum_ELBO for enumerated models."
-        )
-
-
-def _check_enumeration(trace: Trace, role: str) -> None:
+def _check_guide_enumeration(trace: Trace) -> None:
     for name, site in trace.nodes.items():
         if is_latent(site):
-            _check_site_enumeration(name, site["infer"], role)
+            error = enumerated_site_error(name, site["infer"], "guide")
+            if error is not None:
+                raise error
 
 
-class _RejectEnumeration(poutine.messenger.Messenger):
+class _RejectGuideEnumeration(poutine.messenger.Messenger):
     """
-    Raise at latent sites marked for enumeration. Wraps a program *inside* ``poutine.replay``,
-    which replaces a replayed site's ``infer`` dict by the other program's, so that a trace
-    check afterwards would not see the flag.
+    Raise at guide sites marked for enumeration. Wraps the guide *inside* ``poutine.replay``,
+    which replaces a replayed site's ``infer`` dict by the model's, so that a trace check
+    afterwards would not see the flag.
     """
-
-    def __init__(self, role: str):
-        super().__init__()
-        self.role = role
 
     def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"] and not site_is_subsample(msg):
-            _check_site_enumeration(msg["name"], msg["infer"] or {}, self.role)
+            error = enumerated_site_error(msg["name"], msg["infer"] or {}, "guide")
+            if error is not None:
+                raise error
+
+
+def is_enumerated_site(site: dict) -> bool:
+    """A model site summed out in the wake phase (or marked to be, in the sleep phase)."""
+    return site["infer"].get("_enumerate_dim") is not None or bool(site["infer"].get("enumerate"))
 
 
 def check_wake_match(model_trace: Trace, guide_trace: Trace) -> None:
     """Raise unless the guide samples exactly the model's latent sites (plus auxiliary ones)."""
-    _check_enumeration(guide_trace, "guide")  # the model's are checked during its replayed run
-    model_latents = {n for n, s in model_trace.nodes.items() if is_latent(s)}
+    _check_guide_enumeration(guide_trace)  # the model's are checked during its replayed run
+    model_latents = {
+        n
+        for n, s in model_trace.nodes.items()
+        if is_latent(s) and s["infer"].get("_enumerate_dim") is None
+    }
     guide_latents = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
     missing = model_latents - guide_latents
     if missing:
@@ -224,7 +229,7 @@ def sleep_traces(
         check_sleep_model(model_trace)
         guide_args, guide_kwargs = guide_inputs(model_trace, args, kwargs, squeeze)
         guide_trace = poutine.trace(
-            poutine.replay(_RejectEnumeration("guide")(guide), trace=model_trace)
+            poutine.replay(_RejectGuideEnumeration()(guide), trace=model_trace)
         ).get_trace(*guide_args, **guide_kwargs)
         check_sleep_match(model_trace, guide_trace)
         if minibatch is None:
@@ -272,19 +277,23 @@ def check_sleep_model(model_trace: Trace) -> None:
         "(insomnia=1.0 for ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO), or write the "
         "factor as an observed sample site.",
     )
-    _check_enumeration(model_trace, "model")
 
 
 def check_sleep_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """Raise unless the guide samples exactly the model's latents (no auxiliary sites)."""
-    # the guide's enumeration flags are checked during its replayed run (_RejectEnumeration)
+    """
+    Raise unless the guide samples exactly the model's latents (no auxiliary sites), except
+    the model's enumerated sites, which the sleep phase samples and the guide need not score.
+    """
+    # the guide's enumeration flags are checked during its replayed run (_RejectGuideEnumeration)
     model_latents = {
         n
         for n, s in model_trace.nodes.items()
         if is_latent(s) and not s["infer"].get("was_observed")
     }
     guide_latents = {n for n, s in guide_trace.nodes.items() if is_latent(s)}
-    missing = model_latents - guide_latents
+    missing = {
+        n for n in model_latents - guide_latents if not is_enumerated_site(model_trace.nodes[n])
+    }
     if missing:
         raise ValueError(
             f"model latent site(s) {sorted(missing)} are not sampled by the guide, so the sleep "
