@@ -96,7 +96,8 @@ def check_agree(gmm: GMM, x: torch.Tensor) -> float:
     log_lik = dist.Normal(cluster_means(x), STD).log_prob(x.unsqueeze(-1))
     hand = -torch.logsumexp(log_prior + log_lik, -1).sum()
     (g_hand,) = torch.autograd.grad(hand, [gmm.theta])
-    return max(abs(float(enum - hand)) / abs(float(hand)), float((g_enum - g_hand).abs().max()))
+    rel = abs(float(enum.detach() - hand.detach())) / abs(float(hand.detach()))
+    return max(rel, float((g_enum - g_hand).abs().max()))
 
 
 def time_steps(steps: dict, x: torch.Tensor, rounds: int, block_seconds: float) -> dict:

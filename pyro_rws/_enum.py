@@ -228,14 +228,13 @@ def enumerated_log_p(
     }
     target = frozenset(plate_to_symbol[name] for name in keep_plates if name in plate_to_symbol)
     # plate sizes, to broadcast a result to plates of size 1 (which packing drops)
-    ring = _LogRing(
-        dim_to_size={
-            plate_to_symbol[f.name]: f.size
-            for site in sites
-            for f in site["cond_indep_stack"]
-            if f.vectorized
-        }
-    )
+    dim_to_size = {
+        plate_to_symbol[f.name]: f.size
+        for site in sites
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    }
+    ring = _LogRing(dim_to_size=dim_to_size)
 
     groups: dict[tuple, tuple[OrderedDict, list]] = {}
     others = []
@@ -269,7 +268,18 @@ def enumerated_log_p(
 
     contracted = []
     for key, (factors, factor_sites) in groups.items():
-        term = contract_to_tensor(factors, sum_dims, target_ordinal=target, ring=ring)
+        terms = next(iter(factors.values()))
+        present = set("".join(t._pyro_dims for t in terms))
+        plates = {d for d in target if dim_to_size[d] > 1}
+        if list(factors) == [target] and len(present & sum_dims) <= 2 and plates <= present:
+            # one plate context, at most two enumerated dims: one log-space einsum (the joint
+            # table is as large as the factors), no contraction planning
+            inputs = [t._pyro_dims for t in terms]
+            output = "".join(sorted(set("".join(inputs)) - sum_dims))
+            term = einsum(",".join(inputs) + "->" + output, *terms)
+            term._pyro_dims = output
+        else:
+            term = contract_to_tensor(factors, sum_dims, target_ordinal=target, ring=ring)
         term = packed.scale_and_mask(term, _common_scale(factor_sites, scale_divisor))
         term = packed.unpack(term, model_trace.symbol_to_dim)
         term = term.reshape((1,) * (P - term.dim()) + term.shape)
