@@ -340,6 +340,15 @@ def global_model(x):
         pyro.sample("x", emission(z1, z2), obs=x)
 
 
+def nested_plate_model(x):
+    # z2 per datapoint, observed features in a plate nested inside the data plate: the
+    # contraction sums log-densities over the inner plate before summing z2 out
+    with pyro.plate("data", len(x), dim=-2):
+        z2 = pyro.sample("z2", dist.Categorical(logits=pyro.param("prior2")[0]), infer=ENUM)
+        with pyro.plate("features", 2, dim=-1):
+            pyro.sample("x", dist.Bernoulli(logits=pyro.param("emit").T[z2.squeeze(-1)]), obs=x)
+
+
 @VECTORIZED
 @pytest.mark.parametrize(
     "program", [scaled_masked_model, global_model], ids=["scale-mask", "global"]
@@ -356,6 +365,22 @@ def test_agrees_with_traceenum_elbo(program, vectorized):
     )
     # a global enumerated site makes the weights joint along the data plate
     assert loss.stats.ess.shape == (() if program is global_model else x.shape)
+
+
+@VECTORIZED
+def test_nested_plate_agrees_with_traceenum_elbo(vectorized):
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    loss = RWS(2, max_plate_nesting=2, vectorize_particles=vectorized)
+    value = loss.differentiable_loss(nested_plate_model, empty_guide, x)
+    target = pyro.infer.TraceEnum_ELBO(max_plate_nesting=2).differentiable_loss(
+        nested_plate_model, empty_guide, x
+    )
+    torch.testing.assert_close(value.detach(), target.detach(), rtol=1e-12, atol=1e-12)
+    assert_close(
+        torch.autograd.grad(value, params(THETA[1:])),
+        torch.autograd.grad(target, params(THETA[1:])),
+    )
+    assert loss.stats.ess.shape == (3,)  # the data plate (the features plate is summed)
 
 
 def test_sequential_data_plate():
