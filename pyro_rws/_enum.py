@@ -171,13 +171,13 @@ def is_enumerated(trace: Trace) -> bool:
 
 
 def _common_scale(sites: list[dict], scale_divisor: float):
-    scales = {float(s["scale"]) for s in sites}
     for site in sites:
         if torch.is_tensor(site["scale"]) and site["scale"].dim():
             raise ValueError(
                 f"site '{site['name']}' depends on an enumerated site and has a non-scalar "
                 "poutine.scale; enumeration supports scalar scales only (as TraceEnum_ELBO)."
             )
+    scales = {float(s["scale"]) for s in sites}
     if len(scales) != 1:
         names = sorted(s["name"] for s in sites)
         raise ValueError(
@@ -257,8 +257,10 @@ def enumerated_log_p(
             scale = site["scale"] if scale_divisor == 1.0 else site["scale"] / scale_divisor
             others.append((site, scale_and_mask(log_p, scale, site["mask"])))
             continue
-        # mask inside the sum over enumerated values, the common scale outside (TraceEnum_ELBO)
-        term = packed.scale_and_mask(term, mask=packed.pack(site["mask"], dim_to_symbol))
+        # as TraceEnum_ELBO: the mask of a factor inside the sum over enumerated values, the
+        # common scale outside; an enumerated site's own density unmasked
+        if site["infer"].get("_enumerate_dim") is None:
+            term = packed.scale_and_mask(term, mask=packed.pack(site["mask"], dim_to_symbol))
         ordinal = frozenset(
             plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
         )
@@ -272,8 +274,8 @@ def enumerated_log_p(
         present = set("".join(t._pyro_dims for t in terms))
         plates = {d for d in target if dim_to_size[d] > 1}
         if list(factors) == [target] and len(present & sum_dims) <= 2 and plates <= present:
-            # one plate context, at most two enumerated dims: one log-space einsum (the joint
-            # table is as large as the factors), no contraction planning
+            # one plate context, at most two enumerated dims: one log-space einsum over their
+            # joint table, no contraction planning
             inputs = [t._pyro_dims for t in terms]
             output = "".join(sorted(set("".join(inputs)) - sum_dims))
             term = einsum(",".join(inputs) + "->" + output, *terms)

@@ -328,7 +328,9 @@ def scaled_masked_model(x):
     mask = torch.tensor([True, False, True])
     with poutine.scale(scale=0.3), pyro.plate("data", len(x)):
         z1 = pyro.sample("z1", dist.Bernoulli(logits=pyro.param("prior1")), infer=ENUM)
-        z2 = pyro.sample("z2", dist.Categorical(logits=pyro.param("prior2")[z1.long()]), infer=ENUM)
+        with poutine.mask(mask=~mask):  # TraceEnum_ELBO ignores masks on enumerated sites
+            logits = pyro.param("prior2")[z1.long()]
+            z2 = pyro.sample("z2", dist.Categorical(logits=logits), infer=ENUM)
         with poutine.mask(mask=mask):
             pyro.sample("x", emission(z1, z2), obs=x)
 
