@@ -492,3 +492,20 @@ def test_float32_gradient_where_prior_and_likelihood_disagree():
     torch.testing.assert_close(value, hand)
     (grad,), (target,) = (torch.autograd.grad(v, [gmm.theta]) for v in (value, hand))
     torch.testing.assert_close(grad, target, rtol=1e-5, atol=1e-4)
+
+
+def test_log_einsum():
+    """The contraction's log-space einsum: exact value and gradient, and a zero (not NaN)
+    gradient where every term is -inf (a particle of probability zero)."""
+    from pyro_rws._enum import einsum
+
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    expected = torch.logsumexp(a[:, :, None] + b[None], 1)
+    torch.testing.assert_close(einsum("ab,bc->ac", a, b), expected)
+    assert torch.autograd.gradcheck(lambda a, b: einsum("ab,bc->ac", a, b), (a, b))
+    c = torch.tensor([[0.0, -math.inf], [-math.inf, -math.inf]], requires_grad=True)
+    result = einsum("ab->a", c)
+    assert result.tolist() == [0.0, -math.inf]
+    torch.where(torch.isfinite(result), result, 0.0).sum().backward()
+    assert c.grad.tolist() == [[1.0, 0.0], [0.0, 0.0]]
