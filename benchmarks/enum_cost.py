@@ -21,7 +21,9 @@ contender with ``pyro.enable_validation(False)`` and ``max_plate_nesting=1``):
 
 The step functions run interleaved in ``--rounds`` rounds (order reversed every other round),
 each a block of steps sized to take about ``--block-seconds``; the table gives the median over
-rounds of ms/step and the ratios of medians. One torch thread.
+rounds of ms/step and the ratios of medians. Times are the process's CPU time
+(``time.process_time``), not wall time, so that other jobs on a shared machine inflate them less.
+One torch thread.
 """
 
 from __future__ import annotations
@@ -107,20 +109,20 @@ def time_steps(steps: dict, x: torch.Tensor, rounds: int, block_seconds: float) 
             fn(x)
     sizes = {}
     for name, fn in steps.items():
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         n = 0
-        while time.perf_counter() - t0 < 0.2:
+        while time.process_time() - t0 < 0.2:
             fn(x)
             n += 1
-        sizes[name] = max(3, int(n * block_seconds / (time.perf_counter() - t0)))
+        sizes[name] = max(3, int(n * block_seconds / (time.process_time() - t0)))
     times = {name: [] for name in steps}
     order = list(steps)
     for r in range(rounds):
         for name in order if r % 2 == 0 else reversed(order):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(sizes[name]):
                 steps[name](x)
-            times[name].append(1e3 * (time.perf_counter() - t0) / sizes[name])
+            times[name].append(1e3 * (time.process_time() - t0) / sizes[name])
     return times
 
 

@@ -8,12 +8,16 @@ A model sample site marked ``infer={"enumerate": "parallel"}`` (e.g. by
 phase: :class:`EnumerateModel` (Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger` plus
 checks) gives it every value of its support along a new dimension left of the plates and of the
 particle plate, as :class:`~pyro.infer.TraceEnum_ELBO` allocates them. :func:`enumerated_log_p`
-then sums those dimensions out with :func:`pyro.ops.contract.contract_to_tensor`, keeping the
-particle dimension and the batch plates, so that each particle's model density is the marginal
+then sums those dimensions out, keeping the particle dimension and the batch plates, so that each
+particle's model density is the marginal
 
 .. math:: \log p(x, z^k) = \log \sum_e p(x, z^k, e)
 
-per datapoint. Every estimator uses it unchanged. Scales and masks follow ``TraceEnum_ELBO``:
+per datapoint. Every estimator uses it unchanged. Where the factors of the enumerated sites share
+one plate context (the usual per-datapoint discrete variable) the sum is one log-sum-exp over
+their joint table; otherwise Pyro's tensor variable elimination
+(:func:`pyro.ops.contract.contract_to_tensor`) contracts them, with a log-space einsum that is
+stable in the gradient too (:func:`einsum`). Scales and masks follow ``TraceEnum_ELBO``:
 on the factors that touch an enumerated dimension the mask acts inside the sum and the (common)
 scale outside; the subsample factor of the batch plates is taken out, as for every other site
 (see :mod:`pyro_rws._weights`).
@@ -24,7 +28,9 @@ sampled like any other; the guide scores only its own sites.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -137,12 +143,7 @@ def einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     summed = tuple(range(len(output), len(dims)))
     if not summed:
         return total
-    # torch.logsumexp shifts by the joint maximum. Its gradient is NaN where every term is -inf
-    # (a particle the model gives probability zero): clamp those terms to the lowest finite
-    # value (no gradient flows through a clamped entry), then restore -inf in the result.
-    lowest = torch.finfo(total.dtype).min
-    result = torch.logsumexp(total.clamp(min=lowest), summed)
-    return result.masked_fill(result < lowest / 2, -math.inf)
+    return _logsumexp(total, summed)
 
 
 def transpose(a: torch.Tensor, axes) -> torch.Tensor:
@@ -221,71 +222,84 @@ def enumerated_log_p(
     """
     P = plate_nesting + (1 if vectorized else 0)
     check_shapes = is_validation_enabled()
-    model_trace.symbolize_dims()
-    plate_to_symbol = model_trace.plate_to_symbol
-    sum_dims = {
-        site["infer"]["_enumerate_symbol"]
-        for site in sites
-        if site["infer"].get("_enumerate_dim") is not None
-    }
-    target = frozenset(plate_to_symbol[name] for name in keep_plates if name in plate_to_symbol)
-    # plate sizes, to broadcast a result to plates of size 1 (which packing drops)
-    dim_to_size = {
-        plate_to_symbol[f.name]: f.size
-        for site in sites
-        for f in site["cond_indep_stack"]
-        if f.vectorized
-    }
-    ring = _LogRing(dim_to_size=dim_to_size)
-
-    groups: dict[tuple, tuple[OrderedDict, list]] = {}
-    others = []
+    keep = set(keep_plates)
+    groups: dict[tuple, list] = {}  # key -> [(site, masked unscaled log_p, ordinal)]
+    enum_dims, others = set(), []
     for site in sites:
         log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         if check_shapes:
             site["log_prob"] = log_p
             check_site_shape(site, P)
-        dim_to_symbol = site["infer"]["_dim_to_symbol"]
-        try:
-            term = packed.pack(log_p, dim_to_symbol)
-        except ValueError as e:
+        allowed = site["infer"].get("_dim_to_id", {})
+        extra = [d for d in range(-log_p.dim(), -P) if log_p.shape[d] > 1]
+        if any(d not in allowed for d in extra):
             raise ValueError(
                 f"site '{site['name']}' has log_prob of shape {tuple(log_p.shape)}, with batch "
                 "dimensions that are neither plates nor enumerated sites "
                 f"(max_plate_nesting={plate_nesting}). Declare event dimensions with "
                 ".to_event(), wrap batch dimensions in pyro.plate, or raise max_plate_nesting."
-            ) from e
-        if sum_dims.isdisjoint(term._pyro_dims):
+            )
+        if not extra:
             scale = site["scale"] if scale_divisor == 1.0 else site["scale"] / scale_divisor
             others.append((site, scale_and_mask(log_p, scale, site["mask"])))
             continue
+        enum_dims.update(extra)
         # as TraceEnum_ELBO: the mask of a factor inside the sum over enumerated values, the
         # common scale outside; an enumerated site's own density unmasked
         if site["infer"].get("_enumerate_dim") is None:
-            term = packed.scale_and_mask(term, mask=packed.pack(site["mask"], dim_to_symbol))
-        ordinal = frozenset(
-            plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
-        )
-        factors, factor_sites = groups.setdefault(key_of(site), (OrderedDict(), []))
-        factors.setdefault(ordinal, []).append(term)
-        factor_sites.append(site)
+            log_p = scale_and_mask(log_p, mask=site["mask"])
+        ordinal = frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized)
+        groups.setdefault(key_of(site), []).append((site, log_p, ordinal))
 
     contracted = []
-    for key, (factors, factor_sites) in groups.items():
-        terms = next(iter(factors.values()))
-        present = set("".join(t._pyro_dims for t in terms))
-        plates = {d for d in target if dim_to_size[d] > 1}
-        if list(factors) == [target] and len(present & sum_dims) <= 2 and plates <= present:
-            # one plate context, at most two enumerated dims: one log-space einsum over their
-            # joint table, no contraction planning
-            inputs = [t._pyro_dims for t in terms]
-            output = "".join(sorted(set("".join(inputs)) - sum_dims))
-            term = einsum(",".join(inputs) + "->" + output, *terms)
-            term._pyro_dims = output
+    for key, group in groups.items():
+        factor_sites = [site for site, _, _ in group]
+        ordinals = {ordinal for _, _, ordinal in group}
+        sizes = {f.name: f.size for s in factor_sites for f in s["cond_indep_stack"]}
+        target = frozenset(name for name in keep if name in sizes)
+        group_dims = {d for _, lp, _ in group for d in range(-lp.dim(), -P) if lp.shape[d] > 1}
+        if ordinals == {target} and len(group_dims) <= 2:
+            # one plate context, at most two enumerated dims: one log-sum-exp over their joint
+            # table, no contraction planning
+            total = functools.reduce(operator.add, [lp for _, lp, _ in group])
+            term = _logsumexp(total, tuple(range(total.dim() - P)))
         else:
-            term = contract_to_tensor(factors, sum_dims, target_ordinal=target, ring=ring)
-        term = packed.scale_and_mask(term, _common_scale(factor_sites, scale_divisor))
-        term = packed.unpack(term, model_trace.symbol_to_dim)
+            term = _contract(model_trace, factor_sites, group, enum_dims, keep, P)
+        scale = _common_scale(factor_sites, scale_divisor)
+        term = term * scale if not (isinstance(scale, float) and scale == 1.0) else term
         term = term.reshape((1,) * (P - term.dim()) + term.shape)
         contracted.append((key, term if vectorized else term.unsqueeze(0)))
     return contracted, others
+
+
+def _logsumexp(total: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """``torch.logsumexp``, with a zero (not NaN) gradient where every term is -inf."""
+    lowest = torch.finfo(total.dtype).min
+    result = torch.logsumexp(total.clamp(min=lowest), dims)
+    return result.masked_fill(result < lowest / 2, -math.inf)
+
+
+def _contract(model_trace, factor_sites, group, enum_dims, keep, P) -> torch.Tensor:
+    """The general case: Pyro's tensor variable elimination (plates nested in the kept ones,
+    or many enumerated sites), with the log-space :func:`einsum` of this module."""
+    model_trace.symbolize_dims()
+    plate_to_symbol = model_trace.plate_to_symbol
+    target = frozenset(plate_to_symbol[name] for name in keep if name in plate_to_symbol)
+    dim_to_size = {
+        plate_to_symbol[f.name]: f.size
+        for site in factor_sites
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    }
+    factors, sum_dims = OrderedDict(), set()
+    for site, log_p, _ in group:
+        dim_to_symbol = site["infer"]["_dim_to_symbol"]
+        sum_dims.update(dim_to_symbol[d] for d in enum_dims if d in dim_to_symbol)
+        ordinal = frozenset(
+            plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+        )
+        factors.setdefault(ordinal, []).append(packed.pack(log_p, dim_to_symbol))
+    term = contract_to_tensor(
+        factors, sum_dims, target_ordinal=target, ring=_LogRing(dim_to_size=dim_to_size)
+    )
+    return packed.unpack(term, model_trace.symbol_to_dim)
