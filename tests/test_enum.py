@@ -470,7 +470,7 @@ def test_auto_discrete_parallel_raises():
             pyro.sample("x", dist.Bernoulli(logits=pyro.param("emit")[z1.long(), 0]), obs=x)
 
     auto = pyro.infer.autoguide.AutoDiscreteParallel(discrete_model)
-    with pytest.raises(NotImplementedError, match=r"guide site 'z1' .*AutoDiscreteParallel"):
+    with pytest.raises(NotImplementedError, match="AutoDiscreteParallel"):
         RWS(2, max_plate_nesting=1).loss(discrete_model, auto, X)
 
 
