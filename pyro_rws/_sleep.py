@@ -31,12 +31,7 @@ from pyro.poutine.util import site_is_factor, site_is_subsample
 from pyro.util import get_rng_state, set_rng_state, warn_if_nan
 
 from ._fantasy import FantasyArgs, accepts_observations, guide_inputs
-from ._structure import (
-    RejectEnumeration,
-    check_model_guide_match,
-    check_site_enumeration,
-    is_latent,
-)
+from ._structure import ReplayChecks, check_model_guide_match, is_latent
 from ._traces import in_particle_plate, replaying, subsample_sites
 from ._weights import recording, site_log_prob
 
@@ -72,9 +67,6 @@ def _check_sleep_model(model_trace: Trace) -> None:
         "(insomnia=1.0 for ReweightedWakeSleep, phase_q='wake' for WakeSleepELBO), or write the "
         "factor as an observed sample site.",
     )
-    for name, site in model_trace.nodes.items():
-        if is_latent(site):
-            check_site_enumeration(name, site["infer"], "model")
 
 
 @dataclass
@@ -101,7 +93,7 @@ def _run(model, guide, args, kwargs, *, num_particles, vectorize, plate_nesting,
         model = in_particle_plate(model, num_particles, plate_nesting)
         guide = in_particle_plate(guide, num_particles, plate_nesting)
     squeeze = not vectorize or num_particles == 1
-    guide = RejectEnumeration("guide")(guide)
+    guide = ReplayChecks("guide")(guide)
     runs = []
     for _ in range(1 if vectorize else num_particles):
         with torch.no_grad():

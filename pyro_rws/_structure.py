@@ -20,6 +20,8 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from ._enum import enumerated_site_error
+
 #: Name of the plate that vectorizes particles (the same name Pyro's own ELBOs use).
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -133,19 +135,21 @@ def check_guide(guide: Callable, sleep: bool) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Enumeration flags
 # --------------------------------------------------------------------------------------------
-def check_site_enumeration(name: str, infer: dict, role: str) -> None:
-    if infer.get("enumerate"):
-        raise NotImplementedError(
-            f"{role} site '{name}' is marked for enumeration "
-            f"(infer={{'enumerate': {infer['enumerate']!r}}}). pyro_rws samples every "
-            "latent from the guide and does not enumerate; remove config_enumerate / the "
-            "'enumerate' flag, or use pyro.infer.TraceEnum_ELBO for enumerated models."
-        )
+def check_guide_enumeration(name: str, infer: dict) -> None:
+    """Guide sites are sampled, never enumerated (the model's are handled by :mod:`._enum`)."""
+    error = enumerated_site_error(name, infer, "guide")
+    if error is not None:
+        raise error
 
 
-class RejectEnumeration(poutine.messenger.Messenger):
+def is_enumerated_site(site: dict) -> bool:
+    """A model site summed out in the wake phase (or marked to be, in the sleep phase)."""
+    return site["infer"].get("_enumerate_dim") is not None or bool(site["infer"].get("enumerate"))
+
+
+class ReplayChecks(poutine.messenger.Messenger):
     """
-    Raise at latent sites marked for enumeration, and at plates whose subsample size differs
+    Raise at guide sites marked for enumeration, and at plates whose subsample size differs
     from the replayed minibatch's. Wraps a program *inside* ``poutine.replay``,
     which replaces a replayed site's ``infer`` dict by the other program's, so that a trace
     check afterwards would not see the flag.
@@ -156,8 +160,8 @@ class RejectEnumeration(poutine.messenger.Messenger):
         self.role = role
 
     def _pyro_sample(self, msg) -> None:
-        if not msg["is_observed"] and not site_is_subsample(msg):
-            check_site_enumeration(msg["name"], msg["infer"] or {}, self.role)
+        if self.role == "guide" and not msg["is_observed"] and not site_is_subsample(msg):
+            check_guide_enumeration(msg["name"], msg["infer"] or {})
 
     def _pyro_post_sample(self, msg) -> None:
         # a plate replaying the other program's indices: Pyro's own error would not name it
@@ -212,20 +216,29 @@ def check_model_guide_match(
     - with validation on, model and guide agree on each shared site's event dim and shape.
     """
     where = _REMEDY.get(phase, "")
-    if model_latents is None:
-        model_latents = {n for n, s in model_trace.nodes.items() if is_model_latent(s)}
+    if model_latents is None:  # enumerated model sites are summed out (wake) or sampled (sleep)
+        model_latents = {
+            n
+            for n, s in model_trace.nodes.items()
+            if is_model_latent(s) and not is_enumerated_site(s)
+        }
     guide_latents = set()
     for name, site in guide_trace.nodes.items():
         if is_latent(site):
             guide_latents.add(name)
-            check_site_enumeration(name, site["infer"], "guide")
+            if phase != "sleep":  # replayed guide sites hold the model's infer dict
+                check_guide_enumeration(name, site["infer"])
     missing = model_latents - guide_latents
     if missing:
         raise ValueError(
             f"model latent site(s) {sorted(missing)} are not sampled by the guide{where}. "
             f"{_MISSING[phase]}: add them to the guide, or observe them in the model."
         )
-    extra = guide_latents - model_latents
+    extra = {
+        n
+        for n in guide_latents - model_latents
+        if not (n in model_trace.nodes and is_model_latent(model_trace.nodes[n]))
+    }
     if phase != "sleep":
         extra = {n for n in extra if not is_auxiliary(guide_trace.nodes[n])}
     if extra:

@@ -17,9 +17,10 @@ import torch
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from ._enum import enumerate_model
 from ._structure import (
     PARTICLE_PLATE,
-    RejectEnumeration,
+    ReplayChecks,
     check_model_guide_match,
     plate_frames,
 )
@@ -91,7 +92,9 @@ def wake_traces(
     first particle's subsample indices, or ``minibatch`` if given, are replayed into the others).
     With ``detach`` the guide's sample values are detached as they are drawn, so no gradient
     flows through them, not even into later guide sites (RWS, wake-sleep); VIMCO keeps them
-    attached for its pathwise term. Each pair passes
+    attached for its pathwise term. Model sites marked for parallel enumeration that the guide
+    does not sample are enumerated, in dimensions left of the plates and of the particle plate
+    (see :mod:`pyro_rws._enum`). Each pair passes
     :func:`~pyro_rws._structure.check_model_guide_match`.
 
     :returns: the runs, and the minibatch (subsample sites) they share, for the sleep phase.
@@ -101,14 +104,15 @@ def wake_traces(
     if vectorize:
         guide = in_particle_plate(guide, num_particles, plate_nesting)
         model = in_particle_plate(model, num_particles, plate_nesting)
-    model = RejectEnumeration("model")(model)
+    model = ReplayChecks("model")(model)
     runs = []
     for _ in range(1 if vectorize else num_particles):
         try:
             guide_trace = poutine.trace(replaying(guide, minibatch)).get_trace(*args, **kwargs)
             if detach:
                 guide_trace.detach_()
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
+            model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
         except (RuntimeError, ValueError, IndexError, TypeError) as e:

@@ -12,6 +12,9 @@ Subsampling: for ``pyro.plate("data", N, subsample_size=B)`` the factor ``N / B`
 of every site and returned as :attr:`LogWeights.scale`, to multiply per-datapoint bounds
 *outside* the log-sum-exp over particles. All other scales (``poutine.scale``) and masks stay
 inside the weights as part of the model.
+
+Model sites enumerated in the wake phase are summed out of ``log p`` per particle and per element
+of the batch plates (see :mod:`pyro_rws._enum`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-from ._structure import is_deterministic, is_latent, is_sample, plate_frames
+from ._enum import enumerated_log_p, is_enumerated
+from ._structure import PARTICLE_PLATE, is_deterministic, is_latent, is_sample, plate_frames
 
 
 @dataclass
@@ -166,25 +170,48 @@ def log_weights(
     vec_shape = [f.size for f in vec]
     check_shapes = is_validation_enabled()
 
+    def key_of(site):  # the counters of the site's sequential batch plates
+        return tuple(
+            next(f.counter for f in site["cond_indep_stack"] if f.name == name) for name in seq
+        )
+
     particles = []
     for model_trace, guide_trace in runs:
         # accumulators keyed by the counters of sequential batch plates
         acc = {"model": {}, "guide": {}, "score": {}}
-        for site, role in _sites([(model_trace, guide_trace)]):
-            lp = site_log_prob(site, scale)
+
+        def add(target, key, lp, acc=acc):
+            prev = acc[target].get(key)
+            acc[target][key] = lp if prev is None else prev + lp
+
+        # (site, role, log-density or None to compute it)
+        pieces = [(site, role, None) for site, role in _sites([(model_trace, guide_trace)])]
+        if is_enumerated(model_trace):
+            contracted, others = enumerated_log_p(
+                model_trace,
+                [site for site, role, _ in pieces if role == "model"],
+                plate_nesting=plate_nesting,
+                vectorized=vectorized,
+                keep_plates=[PARTICLE_PLATE] + [f.name for f in vec],
+                scale_divisor=scale,
+                key_of=key_of,
+            )
+            for key, lp in contracted:
+                add("model", key, _reduce(lp, keep_dims))
+            pieces = [(site, "model", lp) for site, lp in others] + [
+                piece for piece in pieces if piece[1] == "guide"
+            ]
+        for site, role, lp in pieces:
+            if lp is None:
+                lp = site_log_prob(site, scale)
             if check_shapes:
                 site["log_prob"] = lp
                 check_site_shape(site, plate_nesting + (1 if vectorized else 0))
             lp = _reduce(_aligned(lp, site, plate_nesting, vectorized), keep_dims)
-            key = tuple(
-                next(f.counter for f in site["cond_indep_stack"] if f.name == name) for name in seq
-            )
-            targets = [role]
+            key = key_of(site)
+            add(role, key, lp)
             if role == "guide" and score_parts and not site["fn"].has_rsample:
-                targets.append("score")
-            for target in targets:
-                prev = acc[target].get(key)
-                acc[target][key] = lp if prev is None else prev + lp
+                add("score", key, lp)
         particles.append({k: _assemble(v, seq, vec_shape) for k, v in acc.items()})
 
     def stack(key):

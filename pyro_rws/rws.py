@@ -90,6 +90,13 @@ class ReweightedWakeSleep(WakeSleepLoss):
     The terms, the bound and the per-datapoint effective sample size of the last step are in
     :attr:`stats` (:class:`~pyro_rws.diagnostics.StepStats`).
 
+    **Enumeration.** Model sites marked ``infer={"enumerate": "parallel"}`` (e.g. by
+    :func:`~pyro.infer.config_enumerate`) that the guide does not sample are summed out exactly
+    per particle and per datapoint, :math:`p_\theta(x, z^k) = \sum_e p_\theta(x, z^k, e)`, and
+    every term above uses this marginal (as do :class:`~pyro_rws.VIMCO`,
+    :class:`~pyro_rws.WakeSleepELBO` and :func:`~pyro_rws.log_evidence`). The sleep phase samples
+    them from the model; the guide scores only its own sites. See :mod:`pyro_rws._enum`.
+
     **Sleep phase.** The model runs unconditioned with the caller's arguments; the guide is
     called with each fantasy observation in place of the argument whose tensor the model
     observed (see ``fantasy_args``). A guide with an ``observations`` keyword (Pyro's
@@ -118,8 +125,7 @@ class ReweightedWakeSleep(WakeSleepLoss):
     <<vectorize_particles>>
     <<max_plate_nesting>>
     <<fantasy_args>>
-    :param bool strict_enumeration_warning: accepted for compatibility with Pyro; ignored
-        (enumerated sites raise :class:`NotImplementedError`).
+    :param bool strict_enumeration_warning: accepted for compatibility with Pyro; ignored.
     <<retain_graph>>
     :param bool dreg: use the doubly reparameterized wake-phi gradient (RWS-DReG [3]) for guide
         sites with ``rsample``. Default False.

@@ -253,21 +253,35 @@ def discrete_guide_enum(x):
         pyro.sample("c", dist.Bernoulli(p), infer={"enumerate": "parallel"})
 
 
-ENUMERATED = {
+GUIDE_ENUMERATED = {
     "guide_config_enumerate": (discrete_model, config_enumerate(discrete_guide)),
     "guide_infer": (discrete_model, discrete_guide_enum),
-    "model_config_enumerate": (config_enumerate(discrete_model), discrete_guide),
-    "model_infer": (discrete_model_enum, discrete_guide),
+}
+MODEL_ENUMERATED = {
+    "model_config_enumerate": config_enumerate(discrete_model),
+    "model_infer": discrete_model_enum,
 }
 
 
-@pytest.mark.parametrize("where", list(ENUMERATED))
-def test_enumerated_sites_raise(case, where):
-    m, g = ENUMERATED[where]
-    with pytest.raises(NotImplementedError, match=r"site 'c' is marked for enumeration"):
+@pytest.mark.parametrize("where", list(GUIDE_ENUMERATED))
+def test_guide_enumerated_sites_raise(case, where):
+    m, g = GUIDE_ENUMERATED[where]
+    with pytest.raises(NotImplementedError, match=r"guide site 'c' is marked for enumeration"):
         case.make().loss(m, g, data())
     # the same program without the flag runs
     assert math.isfinite(case.make().loss(discrete_model, discrete_guide, data()))
+
+
+@pytest.mark.parametrize("where", list(MODEL_ENUMERATED))
+def test_model_enumerated_sites(case, where):
+    """A model site the guide samples is sampled (the flag is inert, as in TraceEnum_ELBO); one
+    the guide does not sample is summed out (tests/test_enum.py checks the values exactly)."""
+    m = MODEL_ENUMERATED[where]
+    pyro.set_rng_seed(3)
+    flagged = case.make().loss(m, discrete_guide, data())
+    pyro.set_rng_seed(3)
+    assert flagged == case.make().loss(discrete_model, discrete_guide, data())
+    assert math.isfinite(case.make().loss(m, lambda x: None, data()))
 
 
 def model_global_subsampled(x, subsample_size):
