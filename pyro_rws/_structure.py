@@ -109,9 +109,10 @@ def check_guide(guide: Callable, sleep: bool) -> str | None:
         if isinstance(part, AutoDiscreteParallel):
             raise NotImplementedError(
                 f"{kind} enumerates discrete latents in the guide, which pyro_rws does not "
-                "support: importance weights need sampled guide values. Write a guide that "
-                "samples each discrete site (e.g. an amortized Categorical or Bernoulli), or "
-                "use pyro.infer.TraceEnum_ELBO."
+                "support: importance weights need sampled guide values. To sum a discrete site "
+                "out exactly, mark it in the model (infer={'enumerate': 'parallel'} or "
+                "config_enumerate(model)) and leave it out of the guide; to sample it, write a "
+                "guide that samples it (e.g. an amortized Categorical or Bernoulli)."
             )
         if sleep and isinstance(part, AutoGuide):
             raise ValueError(
