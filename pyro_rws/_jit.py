@@ -1,0 +1,433 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+How a step is compiled: the eager run that finds the parameters, the recording of the step as
+a graph of ATen operations, the graph keys and their cache, and the :class:`_JitMixin` that puts
+them around a loss's ``_terms``. The compiled classes and what they promise are in
+:mod:`pyro_rws.jit`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import OrderedDict
+from dataclasses import fields
+
+import pyro
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.util import warn_if_nan
+from torch._library.utils import is_impure
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
+
+from .diagnostics import StepStats
+
+#: loss settings that change the recorded graph (read with getattr; missing ones are None)
+_SETTINGS = (
+    "num_particles",
+    "max_plate_nesting",
+    "vectorize_particles",
+    "insomnia",
+    "model_has_params",
+    "num_sleep_particles",
+    "phase_q",
+    "dreg",
+)
+_STATS_FIELDS = tuple(f.name for f in fields(StepStats) if f.name != "num_particles")
+# what make_fx says when a program reads a tensor's value while it is being recorded
+_DATA_DEPENDENT = ("get value out of a tracing tensor", "data-dependent", "data dependent")
+
+
+class _Recorder(TorchFunctionMode):
+    """Records, during one eager run, the tensors torch functions read and the ones they made."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[int, torch.Tensor] = {}
+        self.made: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in _pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                self.seen.setdefault(id(t), t)
+        out = func(*args, **kwargs)
+        for t in _pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t) not in self.seen:
+                self.made.add(id(t))
+        return out
+
+
+def _flatten(args, kwargs):
+    """Leaves and structure of the arguments (a fast path for tensors only, no keywords)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args), len(args)
+    return _pytree.tree_flatten((args, kwargs))
+
+
+def _unflatten(leaves, spec):
+    if isinstance(spec, int):
+        return tuple(leaves), {}
+    return _pytree.tree_unflatten(leaves, spec)
+
+
+def _frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def _simplify(captured: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """
+    Fewer operations to replay, the same results: drop unused pure operations, merge identical
+    pure operations under the same grad mode (random and mutating ones are never touched), and
+    drop grad-mode switches that change nothing. Every step runs these operations, so on small
+    programs (a few ms per step) their count is most of the replay's cost.
+    """
+    graph = captured.graph
+    graph.eliminate_dead_code()
+    # tensor constants that nothing reads: lift_fresh_copy + detach_ (in place, so kept by DCE)
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten.detach_.default and not node.users:
+            source = node.args[0]
+            if source.target is torch.ops.aten.lift_fresh_copy.default and len(source.users) == 1:
+                graph.erase_node(node)
+                graph.erase_node(source)
+    graph.eliminate_dead_code()
+    mutating = any(
+        isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable
+        and n.target is not torch.ops.aten.detach_.default
+        for n in graph.nodes
+        if n.op == "call_function"
+    )
+    grad_mode = None  # the caller's until the first switch
+    seen = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is torch._C._set_grad_enabled:
+            following = node.next
+            if node.args[0] == grad_mode or (
+                following.op == "call_function" and following.target is torch._C._set_grad_enabled
+            ):
+                if not node.users:
+                    graph.erase_node(node)
+                    continue
+            grad_mode = node.args[0]
+            continue
+        if mutating or is_impure(node.target, args=node.args, kwargs=node.kwargs):
+            continue
+        key = (node.target, _frozen(node.args), _frozen(node.kwargs), grad_mode)
+        try:
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+    graph.eliminate_dead_code()
+    captured.recompile()
+    return captured
+
+
+def _identity(fn):
+    """What identifies a model or guide: a bound method by its object and function."""
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and hasattr(fn, "__func__"):
+        return (id(owner), fn.__func__), owner
+    return id(fn), fn
+
+
+def _static(value, refs: list):
+    """A non-tensor argument as part of a graph key (unhashable ones by identity)."""
+    try:
+        hash(value)
+    except TypeError:
+        refs.append(value)
+        return ("id", id(value))
+    return (type(value), value)
+
+
+def _rng_state(devices):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state, devices):
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1], strict=True):
+        torch.cuda.set_rng_state(s, d)
+
+
+class _Graph:
+    """One recorded step: the compiled function and how to feed it and read its outputs."""
+
+    def __init__(self, compiled, store_names, other_params, layout, refs):
+        self.compiled = compiled
+        self.store_names = store_names
+        self.other_params = other_params
+        self.layout = layout
+        self.refs = refs  # keeps model, guide, handlers alive so that their ids stay unique
+        self.captured = None
+        self.param_shapes = None
+        self.last_params = None
+
+    def params(self) -> list[torch.Tensor] | None:
+        """The current parameters, or None if the param store no longer holds the same ones."""
+        store = pyro.get_param_store()
+        params = []
+        if _PYRO_STACK:
+            for name in self.store_names:
+                if name not in store:
+                    return None
+                # through pyro.param, so that SVI's parameter capture sees the parameter
+                params.append(pyro.param(name).unconstrained())
+        else:  # nobody to tell: read the store's unconstrained tensors directly
+            unconstrained = store._params
+            for name in self.store_names:
+                p = unconstrained.get(name)
+                if p is None:
+                    return None
+                params.append(p)
+        params.extend(self.other_params)
+        if self.last_params is not None and all(
+            p is q for p, q in zip(params, self.last_params, strict=True)
+        ):
+            return params
+        shapes = [(p.shape, p.dtype, p.device) for p in params]
+        if self.param_shapes is None:
+            self.param_shapes = shapes
+        elif shapes != self.param_shapes:
+            return None
+        self.last_params = params
+        return params
+
+    def unpack(self, outputs):
+        surrogate_is_tensor, surrogate, present, num_particles = self.layout
+        outputs = list(outputs)
+        value = outputs.pop(0)
+        if surrogate_is_tensor:
+            surrogate = outputs.pop(0)
+        stats = StepStats(**dict(zip(present, outputs, strict=True)), num_particles=num_particles)
+        return value, surrogate, stats
+
+
+def _is_cuda(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "cuda"
+
+
+class _JitMixin:
+    """
+    Compiles ``_terms`` of the loss it is mixed into (see :mod:`pyro_rws.jit`).
+
+    :param bool ignore_jit_warnings: silence the warnings that model and guide raise while the
+        step is recorded (as Pyro's ``ignore_jit_warnings``).
+    :param dict jit_options: ``{"backend": None}`` (default) replays the recorded graph;
+        ``{"backend": "inductor"}`` (or another :func:`torch.compile` backend) compiles it,
+        the other keys being passed to :func:`torch.compile`.
+    """
+
+    #: graphs kept per loss instance (least recently used ones are dropped)
+    max_graphs = 64
+
+    def __init__(self, *args, ignore_jit_warnings: bool = False, jit_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.vectorize_particles:
+            eager = next(b for b in type(self).__mro__ if not issubclass(b, _JitMixin))
+            raise ValueError(
+                f"{type(self).__name__} needs vectorize_particles=True: a compiled loss records "
+                "one static program, while vectorize_particles=False exists for programs whose "
+                f"structure differs between particles. Use the eager {eager.__name__} for those."
+            )
+        self.ignore_jit_warnings = bool(ignore_jit_warnings)
+        self.jit_options = dict(jit_options or {})
+        self._graphs: OrderedDict = OrderedDict()
+        #: number of graphs recorded so far (a recompilation adds one)
+        self.compile_count = 0
+        self._check_value = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a signature for help() and Sphinx: the eager class's, plus the two jit arguments
+        base = next(b for b in cls.__mro__[1:] if not issubclass(b, _JitMixin))
+        params = list(inspect.signature(base.__init__).parameters.values())
+        extra = [
+            inspect.Parameter("ignore_jit_warnings", inspect.Parameter.KEYWORD_ONLY, default=False),
+            inspect.Parameter("jit_options", inspect.Parameter.KEYWORD_ONLY, default=None),
+        ]
+        cls.__signature__ = inspect.Signature(params[1:] + extra)
+
+    # the public methods of the base class all go through _terms; these two read the value
+    # anyway (a device synchronization), so the finiteness check is free there
+    def loss(self, model, guide, *args, **kwargs):
+        self._check_value = True
+        try:
+            return super().loss(model, guide, *args, **kwargs)
+        finally:
+            self._check_value = False
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        self._check_value = True
+        try:
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        finally:
+            self._check_value = False
+
+    def _key(self, model, guide, spec, leaves):
+        refs = []
+        model_id, model_ref = _identity(model)
+        guide_id, guide_ref = _identity(guide)
+        refs += [model_ref, guide_ref]
+        signature = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                signature.append((leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad))
+            else:
+                signature.append(_static(leaf, refs))
+        handlers = []
+        for h in _PYRO_STACK:
+            if isinstance(h, TraceMessenger) and h.param_only:
+                continue  # SVI's parameter capture: it changes no value
+            handlers.append(id(h))
+            refs.append(h)
+        settings = tuple(getattr(self, name, None) for name in _SETTINGS)
+        fantasy_args = getattr(self, "fantasy_args", None)
+        if fantasy_args is not None:
+            settings += (_static(fantasy_args, refs),)
+        key = (model_id, guide_id, spec, tuple(signature), tuple(handlers), settings)
+        return key, refs
+
+    def _terms(self, model, guide, args, kwargs):
+        leaves, spec = _flatten(args, kwargs)
+        key, refs = self._key(model, guide, spec, leaves)
+        graph = self._graphs.get(key)
+        params = None if graph is None else graph.params()
+        if params is None:
+            # recording runs the step twice: undo its draws, so the first call's replay draws
+            # what the eager loss would for the same seed
+            devices = sorted({t.device.index or 0 for t in leaves if _is_cuda(t)})
+            state = _rng_state(devices)
+            graph = self._record(model, guide, args, kwargs, leaves, spec, refs)
+            _set_rng_state(state, devices)
+            # the first run may have fixed settings (max_plate_nesting guessed): key again
+            key, _ = self._key(model, guide, spec, leaves)
+            self._graphs[key] = graph
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            params = graph.params()
+        self._graphs.move_to_end(key)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        check = self._check_value or is_validation_enabled()
+        if check:
+            devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+            state = _rng_state(devices)
+        # without gradients (loss()) the captured graph runs as is: no second compilation
+        grad_mode = torch.is_grad_enabled()
+        run = graph.compiled if grad_mode else graph.captured
+        try:
+            value, surrogate, stats = graph.unpack(run(*params, *tensors))
+        finally:
+            torch._C._set_grad_enabled(grad_mode)  # the graph switches it around no_grad blocks
+        if check and not bool(torch.isfinite(value)):
+            # replay the same draws eagerly: its checks say which site went wrong
+            _set_rng_state(state, devices)
+            with torch.no_grad():
+                super()._terms(model, guide, args, kwargs)
+        if is_validation_enabled() and torch.is_tensor(surrogate):
+            warn_if_nan(surrogate, f"{type(self).__name__} surrogate loss")
+        return value, surrogate, stats
+
+    def _compile(self, captured):
+        """The captured graph itself (replayed op by op), or ``torch.compile`` of it."""
+        options = dict(self.jit_options)
+        backend = options.pop("backend", None)
+        if backend is None:
+            return captured
+        if backend == "inductor":
+            # random operations run as eager kernels (the draws can still come in another
+            # order than in the eager loss)
+            options["options"] = {"fallback_random": True, **options.get("options", {})}
+        options.setdefault("dynamic", False)
+        return torch.compile(captured, backend=backend, **options)
+
+    def _record(self, model, guide, args, kwargs, leaves, spec, refs) -> _Graph:
+        """Run the step once eagerly to find its parameters, then record it."""
+        eager_terms = super()._terms
+        arg_ids = {id(t) for t in leaves if isinstance(t, torch.Tensor)}
+        # 1. an eager run (with the caller's validation) that creates parameters, guesses the
+        # plate nesting and records which outside tensors requiring grad the step reads
+        with torch.no_grad(), _Recorder() as recorder:
+            eager_terms(model, guide, args, kwargs)
+        store_ids = {id(u): name for name, u in pyro.get_param_store().named_parameters()}
+        store_names, others = [], []
+        for i, t in recorder.seen.items():
+            if i in arg_ids or not t.requires_grad:
+                continue
+            if not t.is_leaf and i in recorder.made:
+                continue
+            if i in store_ids:
+                store_names.append(store_ids[i])
+            else:
+                others.append(t)
+        store_names.sort()
+        num_params = len(store_names) + len(others)
+        tensor_positions = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        layout = []
+
+        def step(*inputs):
+            flat = list(leaves)
+            for pos, t in zip(tensor_positions, inputs[num_params:], strict=True):
+                flat[pos] = t
+            a, kw = _unflatten(flat, spec)
+            value, surrogate, stats = eager_terms(model, guide, a, kw)
+            present = [n for n in _STATS_FIELDS if torch.is_tensor(getattr(stats, n))]
+            is_tensor = torch.is_tensor(surrogate)
+            layout[:] = [is_tensor, None if is_tensor else surrogate, present, stats.num_particles]
+            outputs = [value] + ([surrogate] if is_tensor else [])
+            return tuple(outputs + [getattr(stats, n) for n in present])
+
+        graph = _Graph(None, store_names, others, None, refs)
+        params = graph.params()
+        example = tuple(params) + tuple(leaves[i] for i in tensor_positions)
+        try:
+            with pyro.validation_enabled(False), warnings.catch_warnings():
+                if self.ignore_jit_warnings:
+                    warnings.simplefilter("ignore")
+                with torch.enable_grad():
+                    captured = make_fx(step, pre_dispatch=True)(*example)
+        except RuntimeError as e:
+            if not any(m in str(e) for m in _DATA_DEPENDENT):
+                raise
+            raise NotImplementedError(
+                f"{type(self).__name__}: while recording the step, model or guide read the "
+                "value of a tensor (bool(), .item(), int(), if/while on a tensor ...). A "
+                "compiled step replays tensor operations only, so control flow that depends on "
+                "a value cannot be recorded. Compiled losses need static structure: use the "
+                f"eager class for programs with stochastic control flow. ({e})"
+            ) from e
+        for node in captured.graph.nodes:
+            if node.op == "get_attr":
+                constant = getattr(captured, node.target)
+                if isinstance(constant, torch.Tensor) and constant.requires_grad:
+                    raise ValueError(
+                        f"{type(self).__name__}: model or guide reads a tensor that requires "
+                        "grad but is neither an argument nor a parameter of the step "
+                        "(pyro.param, pyro.module, or a leaf tensor such as an nn.Parameter), "
+                        "e.g. a tensor computed from parameters outside the loss. The recorded "
+                        "graph would treat it as a constant. Compute it inside model or guide, "
+                        "or pass it as an argument."
+                    )
+        graph.captured = _simplify(captured)
+        graph.compiled = self._compile(captured)
+        graph.layout = layout
+        self.compile_count += 1
+        return graph
