@@ -5,9 +5,9 @@ Model sites summed out exactly inside the importance weights.
 
 A model sample site marked ``infer={"enumerate": "parallel"}`` (e.g. by
 :func:`pyro.infer.config_enumerate`) that the guide does not sample is *enumerated* in the wake
-phase: :class:`EnumerateModel` (Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger` plus
+phase: ``EnumerateModel`` (Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger` plus
 checks) gives it every value of its support along a new dimension left of the plates and of the
-particle plate, as :class:`~pyro.infer.TraceEnum_ELBO` allocates them. :func:`enumerated_log_p`
+particle plate, as :class:`~pyro.infer.TraceEnum_ELBO` allocates them. ``enumerated_log_p``
 then sums those dimensions out, keeping the particle dimension and the batch plates, so that each
 particle's model density is the marginal
 
@@ -17,10 +17,10 @@ per datapoint. Every estimator uses it unchanged. Where the factors of the enume
 one plate context (the usual per-datapoint discrete variable) the sum is one log-sum-exp over
 their joint table; otherwise Pyro's tensor variable elimination
 (:func:`pyro.ops.contract.contract_to_tensor`) contracts them, with a log-space einsum that is
-stable in the gradient too (:func:`einsum`). Scales and masks follow ``TraceEnum_ELBO``:
+stable in the gradient too (``einsum``). Scales and masks follow ``TraceEnum_ELBO``:
 on the factors that touch an enumerated dimension the mask acts inside the sum and the (common)
 scale outside; the subsample factor of the batch plates is taken out, as for every other site
-(see :mod:`pyro_rws._weights`).
+(see ``pyro_rws._weights``).
 
 The sleep phase does not enumerate: the model runs unconditioned and enumerated sites are
 sampled like any other; the guide scores only its own sites.
@@ -160,7 +160,7 @@ class _LogRing(LogRing):
 
 
 def enumerate_model(model: Callable, guide_trace: Trace, plate_nesting: int, vectorized: bool):
-    """``model`` under :class:`EnumerateModel`, allocating dims left of all plates."""
+    """``model`` under ``EnumerateModel``, allocating dims left of all plates."""
     first_dim = -(plate_nesting + (2 if vectorized else 1))
     return EnumerateModel(first_dim, guide_trace)(model)
 
