@@ -2,12 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 The exact tests of :class:`pyro_rws.ReweightedWakeSleep` (pyro_rws/rws.py).
-
-Exact expected gradients by enumeration (see tests/discrete.py): for every K-tuple of guide
-draws (and every fantasy of the sleep phase) ``differentiable_loss`` is evaluated with the draws
-fixed, and the probability-weighted sum of its gradients -- the exact expectation of the
-estimator -- is compared with an independent computation from probability tables, to rounding
-error (float64).
+Expected gradients by enumeration, against the exact targets of tests/discrete.py (float64).
 """
 
 from __future__ import annotations
