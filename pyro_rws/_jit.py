@@ -20,11 +20,11 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.util import warn_if_nan
-from torch._library.utils import is_impure
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
+from ._fx import simplify
 from .diagnostics import StepStats
 
 #: loss settings that change the recorded graph (read with getattr; missing ones are None)
@@ -74,70 +74,6 @@ def _unflatten(leaves, spec):
     if isinstance(spec, int):
         return tuple(leaves), {}
     return _pytree.tree_unflatten(leaves, spec)
-
-
-def _frozen(value):
-    if isinstance(value, (list, tuple)):
-        return tuple(_frozen(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    return value
-
-
-def _simplify(captured: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """
-    Fewer operations to replay, the same results: drop unused pure operations, merge identical
-    pure operations under the same grad mode (random and mutating ones are never touched), and
-    drop grad-mode switches that change nothing. Every step runs these operations, so on small
-    programs (a few ms per step) their count is most of the replay's cost.
-    """
-    graph = captured.graph
-    graph.eliminate_dead_code()
-    # tensor constants that nothing reads: lift_fresh_copy + detach_ (in place, so kept by DCE)
-    for node in list(graph.nodes):
-        if node.target is torch.ops.aten.detach_.default and not node.users:
-            source = node.args[0]
-            if source.target is torch.ops.aten.lift_fresh_copy.default and len(source.users) == 1:
-                graph.erase_node(node)
-                graph.erase_node(source)
-    graph.eliminate_dead_code()
-    mutating = any(
-        isinstance(n.target, torch._ops.OpOverload)
-        and n.target._schema.is_mutable
-        and n.target is not torch.ops.aten.detach_.default
-        for n in graph.nodes
-        if n.op == "call_function"
-    )
-    grad_mode = None  # the caller's until the first switch
-    seen = {}
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is torch._C._set_grad_enabled:
-            following = node.next
-            if node.args[0] == grad_mode or (
-                following.op == "call_function" and following.target is torch._C._set_grad_enabled
-            ):
-                if not node.users:
-                    graph.erase_node(node)
-                    continue
-            grad_mode = node.args[0]
-            continue
-        if mutating or is_impure(node.target, args=node.args, kwargs=node.kwargs):
-            continue
-        key = (node.target, _frozen(node.args), _frozen(node.kwargs), grad_mode)
-        try:
-            hash(key)
-        except TypeError:
-            continue
-        if key in seen:
-            node.replace_all_uses_with(seen[key])
-            graph.erase_node(node)
-        else:
-            seen[key] = node
-    graph.eliminate_dead_code()
-    captured.recompile()
-    return captured
 
 
 def _identity(fn):
@@ -372,12 +308,12 @@ class _JitMixin:
         for i, t in recorder.seen.items():
             if i in arg_ids or not t.requires_grad:
                 continue
-            if not t.is_leaf and i in recorder.made:
-                continue
             if i in store_ids:
                 store_names.append(store_ids[i])
-            else:
+            elif i not in recorder.made or isinstance(t, torch.nn.Parameter):
                 others.append(t)
+            # else computed in the step (e.g. a view of a parameter made under no_grad, which
+            # is a leaf requiring grad): recorded, not an input
         store_names.sort()
         num_params = len(store_names) + len(others)
         tensor_positions = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
@@ -426,7 +362,7 @@ class _JitMixin:
                         "graph would treat it as a constant. Compute it inside model or guide, "
                         "or pass it as an argument."
                     )
-        graph.captured = _simplify(captured)
+        graph.captured = simplify(captured, differentiable_outputs=(1,) if layout[0] else ())
         graph.compiled = self._compile(captured)
         graph.layout = layout
         self.compile_count += 1
