@@ -33,12 +33,13 @@ _VIEWS = (aten.expand.default, aten.reshape.default, aten.view.default, aten._un
 _SUMS = (aten.sum.dim_IntList, aten.sum.default)
 
 
-def simplify(captured: GraphModule, differentiable_outputs=(1,)) -> GraphModule:
+def simplify(captured: GraphModule, differentiable_outputs=(1,), grad_inputs=None) -> GraphModule:
     """
     Simplify ``captured`` in place (see the module's docstring) and return it.
 
     :param differentiable_outputs: positions of the outputs whose gradients are used (the
         surrogate); every other output is treated as a value or a statistic.
+    :param grad_inputs: positions of the inputs that require grad (None: all of them).
     """
     graph = captured.graph
     graph.eliminate_dead_code()
@@ -48,7 +49,7 @@ def simplify(captured: GraphModule, differentiable_outputs=(1,)) -> GraphModule:
         _drop_noop_views(graph, modes)
         _merge_duplicates(graph, modes)
         _sum_before_neg(graph, modes)
-        _skip_unneeded_grad(graph, modes, differentiable_outputs)
+        _skip_unneeded_grad(graph, modes, differentiable_outputs, grad_inputs)
         _emit_grad_switches(graph, modes)
     graph.eliminate_dead_code()
     captured.recompile()
@@ -198,20 +199,52 @@ def _sum_before_neg(graph: Graph, modes) -> None:
         graph.erase_node(source)
 
 
-def _skip_unneeded_grad(graph: Graph, modes, differentiable_outputs) -> None:
-    """Operations no differentiable output depends on (through autograd) run without grad."""
+def _is_view(node: Node) -> bool:
+    """An operation whose output aliases an input (a view: made without grad, it still
+    requires grad when its input does)."""
+    target = node.target
+    if target is operator.getitem:
+        return True
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def _skip_unneeded_grad(graph: Graph, modes, differentiable_outputs, grad_inputs) -> None:
+    """
+    Operations run without grad unless a differentiable output depends on them through
+    autograd and one of their inputs requires grad (``grad_inputs``: positions of the inputs
+    that do, None for all); ``detach`` of a tensor that does not require grad is dropped.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    tracks = {n for i, n in enumerate(placeholders) if grad_inputs is None or i in set(grad_inputs)}
+    for node in _calls(graph):
+        if node.target is _SET_GRAD or node.target is aten.detach.default:
+            continue
+        if (modes[node] or _is_view(node)) and any(i in tracks for i in node.all_input_nodes):
+            tracks.add(node)
     outputs = graph.output_node().args[0]
     needed = {outputs[i] for i in differentiable_outputs if isinstance(outputs[i], Node)}
     for node in reversed(_calls(graph)):
         if node in needed and modes.get(node) and node.target is not aten.detach.default:
             needed.update(node.all_input_nodes)
-    for node in modes:
-        if node not in needed:
+    for node in list(modes):
+        if node.target is aten.detach.default and node.args[0] not in tracks:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            del modes[node]
+        elif node.target is aten.detach.default or not any(
+            i in tracks for i in node.all_input_nodes
+        ):
+            modes[node] = None  # no input requires grad: the same under either mode
+        elif node not in needed or node not in tracks:
             modes[node] = False
 
 
 def _emit_grad_switches(graph: Graph, modes) -> None:
-    """Replace the recorded grad-mode switches by one before each change of mode."""
+    """
+    Replace the recorded grad-mode switches by one before each change of mode (operations
+    whose mode is None run under whichever is current).
+    """
     current = True
     for node in _calls(graph):
         if node.target is _SET_GRAD:
@@ -219,7 +252,7 @@ def _emit_grad_switches(graph: Graph, modes) -> None:
                 graph.erase_node(node)
             continue
         mode = modes[node]
-        if mode != current:
+        if mode is not None and mode != current:
             with graph.inserting_before(node):
                 graph.call_function(_SET_GRAD, (mode,))
             current = mode

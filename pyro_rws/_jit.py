@@ -362,7 +362,10 @@ class _JitMixin:
                         "graph would treat it as a constant. Compute it inside model or guide, "
                         "or pass it as an argument."
                     )
-        graph.captured = simplify(captured, differentiable_outputs=(1,) if layout[0] else ())
+        grad_inputs = [i for i, t in enumerate(example) if t.requires_grad]
+        graph.captured = simplify(
+            captured, differentiable_outputs=(1,) if layout[0] else (), grad_inputs=grad_inputs
+        )
         graph.compiled = self._compile(captured)
         graph.layout = layout
         self.compile_count += 1
