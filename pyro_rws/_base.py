@@ -265,6 +265,7 @@ class WakeSleepLoss(Loss):
             vectorize=self.vectorize_particles,
             plate_nesting=plate_nesting,
             detach=detach,
+            need_minibatch=self.uses_sleep_phase,
         )
 
     def _dreg_weights(self, model, guide, args, kwargs, runs, plate_nesting):

@@ -46,6 +46,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape
 
+from ._density import log_density
+
 #: how to go without enumeration, for the NotImplementedErrors below
 _INSTEAD = (
     "Mark it infer={'enumerate': 'parallel'} (without num_samples) to sum it out exactly, or "
@@ -101,6 +103,27 @@ class EnumerateModel(EnumMessenger):
     def __init__(self, first_available_dim: int, guide_trace: Trace):
         super().__init__(first_available_dim=first_available_dim)
         self.guide_trace = guide_trace
+        self._active = False
+
+    def __enter__(self):
+        self._active = False
+        return super().__enter__()
+
+    # Until the first site to enumerate, there are no enumeration dims to track: the messages
+    # pass untouched (EnumMessenger's bookkeeping per site, under ignore_jit_warnings, is a
+    # tenth of a small model's step). From that site on, every site is tracked as usual.
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        if not self._active:
+            if not msg["infer"].get("enumerate") or msg["name"] in self.guide_trace.nodes:
+                return
+            self._active = True
+        self._pyro_sample(msg)
+
+    def _postprocess_message(self, msg) -> None:
+        if self._active and msg["type"] == "sample":
+            self._pyro_post_sample(msg)
 
     def _pyro_sample(self, msg) -> None:
         if msg["name"] in self.guide_trace.nodes:
@@ -226,7 +249,7 @@ def enumerated_log_p(
     groups: dict[tuple, list] = {}  # key -> [(site, masked unscaled log_p, ordinal)]
     enum_dims, others = set(), []
     for site in sites:
-        log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        log_p = log_density(site)
         if check_shapes:
             site["log_prob"] = log_p
             check_site_shape(site, P)

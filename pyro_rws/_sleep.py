@@ -32,7 +32,7 @@ from pyro.util import get_rng_state, set_rng_state, warn_if_nan
 
 from ._fantasy import FantasyArgs, accepts_observations, guide_inputs
 from ._structure import ReplayChecks, check_model_guide_match, is_latent
-from ._traces import in_particle_plate, replaying, subsample_sites
+from ._traces import SampleTrace, in_particle_plate, replaying, subsample_sites
 from ._weights import recording, site_log_prob
 
 
@@ -97,11 +97,11 @@ def _run(model, guide, args, kwargs, *, num_particles, vectorize, plate_nesting,
     runs = []
     for _ in range(1 if vectorize else num_particles):
         with torch.no_grad():
-            model_trace = poutine.trace(replaying(model, minibatch)).get_trace(*args, **kwargs)
+            model_trace = SampleTrace()(replaying(model, minibatch)).get_trace(*args, **kwargs)
         _check_sleep_model(model_trace)
         try:
             guide_args, guide_kwargs = route(model_trace, args, kwargs, squeeze)
-            guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
+            guide_trace = SampleTrace()(poutine.replay(guide, trace=model_trace)).get_trace(
                 *guide_args, **guide_kwargs
             )
             check_model_guide_match(model_trace, guide_trace, "sleep", plate_nesting)

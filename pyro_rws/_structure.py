@@ -160,20 +160,36 @@ class ReplayChecks(poutine.messenger.Messenger):
         super().__init__()
         self.role = role
 
-    def _pyro_sample(self, msg) -> None:
-        if self.role == "guide" and not msg["is_observed"] and not site_is_subsample(msg):
+    # every message of a step passes here: _process_message/_postprocess_message directly,
+    # rather than Messenger's lookup of a _pyro_<type> method per message
+    def _process_message(self, msg) -> None:
+        if (
+            self.role == "guide"
+            and msg["type"] == "sample"
+            and not msg["is_observed"]
+            and not site_is_subsample(msg)
+        ):
             check_guide_enumeration(msg["name"], msg["infer"] or {})
 
-    def _pyro_post_sample(self, msg) -> None:
-        # a plate replaying the other program's indices: Pyro's own error would not name it
-        if site_is_subsample(msg) and msg["value"] is not None:
-            wanted = msg["fn"].subsample_size
-            if wanted is not None and wanted != len(msg["value"]):
-                raise ValueError(
-                    f"plate '{msg['name']}' has subsample size {wanted} in the {self.role} but "
-                    f"{len(msg['value'])} in the other program, whose minibatch it replays. Give "
-                    "the plate the same size and subsample size in model and guide."
-                )
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            check_replayed_plate(msg, self.role)
+
+
+def check_replayed_plate(msg, role: str) -> None:
+    """
+    At a plate's index draw replayed from the other program (``msg`` after processing): raise
+    if the plate's subsample size differs from the replayed minibatch's (Pyro's own error would
+    not name the plate).
+    """
+    if site_is_subsample(msg) and msg["value"] is not None:
+        wanted = msg["fn"].subsample_size
+        if wanted is not None and wanted != len(msg["value"]):
+            raise ValueError(
+                f"plate '{msg['name']}' has subsample size {wanted} in the {role} but "
+                f"{len(msg['value'])} in the other program, whose minibatch it replays. Give "
+                "the plate the same size and subsample size in model and guide."
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,14 +14,15 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from ._enum import enumerate_model
 from ._structure import (
     PARTICLE_PLATE,
-    ReplayChecks,
     check_model_guide_match,
+    check_replayed_plate,
     plate_frames,
 )
 
@@ -61,15 +62,33 @@ VECTORIZED_NOTE = (
 )
 
 
-class DetachSamples(poutine.messenger.Messenger):
+class SampleTrace(TraceMessenger):
     """
-    Detach each latent sample as it is drawn, so that later sites of the same program (a
-    hierarchical guide) do not differentiate through earlier reparameterized samples.
+    ``poutine.trace`` for the runs of a step: sample sites only (the losses read no param
+    sites; SVI captures parameters with its own trace), the trace itself rather than a copy, and
+    with ``detach`` each latent sample detached as it is drawn, before the trace records it and
+    before the program sees it, so that later sites of the same program (a hierarchical guide)
+    do not differentiate through earlier reparameterized samples. With ``replayed`` (the role of
+    a program replaying the other's minibatch) its plates are checked against the replayed
+    indices (:func:`~pyro_rws._structure.check_replayed_plate`).
     """
 
-    def _pyro_post_sample(self, msg) -> None:
-        if not msg["is_observed"] and torch.is_tensor(msg["value"]):
+    def __init__(self, detach: bool = False, replayed: str | None = None):
+        super().__init__()
+        self.detach = detach
+        self.replayed = replayed
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        if self.detach and not msg["is_observed"] and torch.is_tensor(msg["value"]):
             msg["value"] = msg["value"].detach()
+        if self.replayed is not None:
+            check_replayed_plate(msg, self.replayed)
+        self._pyro_post_sample(msg)
+
+    def get_trace(self) -> Trace:
+        return self.trace
 
 
 def wake_traces(
@@ -83,6 +102,7 @@ def wake_traces(
     plate_nesting: int,
     detach: bool = True,
     minibatch: Trace | None = None,
+    need_minibatch: bool = True,
 ) -> tuple[Runs, Trace | None]:
     """
     Draw ``num_particles`` particles from the guide and replay the model on them.
@@ -97,30 +117,28 @@ def wake_traces(
     (see :mod:`pyro_rws._enum`). Each pair passes
     :func:`~pyro_rws._structure.check_model_guide_match`.
 
-    :returns: the runs, and the minibatch (subsample sites) they share, for the sleep phase.
+    :returns: the runs, and the minibatch (subsample sites) they share, for the sleep phase
+        (None where there is none, or where ``need_minibatch`` is False and the particles ran
+        in one vectorized run).
     """
-    if detach:
-        guide = DetachSamples()(guide)
     if vectorize:
         guide = in_particle_plate(guide, num_particles, plate_nesting)
         model = in_particle_plate(model, num_particles, plate_nesting)
-    model = ReplayChecks("model")(model)
     runs = []
     for _ in range(1 if vectorize else num_particles):
         try:
-            guide_trace = poutine.trace(replaying(guide, minibatch)).get_trace(*args, **kwargs)
-            if detach:
-                guide_trace.detach_()
-            enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
-            model_trace = poutine.trace(poutine.replay(enumerated, trace=guide_trace)).get_trace(
+            guide_trace = SampleTrace(detach)(replaying(guide, minibatch)).get_trace(
                 *args, **kwargs
             )
+            enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
+            replayed = poutine.replay(enumerated, trace=guide_trace)
+            model_trace = SampleTrace(replayed="model")(replayed).get_trace(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if vectorize and num_particles > 1:
                 e.add_note(VECTORIZED_NOTE)
             raise
         check_model_guide_match(model_trace, guide_trace, "wake", plate_nesting)
-        if minibatch is None:
+        if minibatch is None and (need_minibatch or not vectorize):
             minibatch = subsample_sites(guide_trace)
         runs.append((model_trace, guide_trace))
     return runs, minibatch

@@ -30,6 +30,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.util import check_site_shape
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
+from ._density import log_density
 from ._enum import enumerated_log_p, is_enumerated
 from ._structure import PARTICLE_PLATE, is_deterministic, is_latent, is_sample, plate_frames
 
@@ -115,7 +116,7 @@ def _batch_plates(runs, per_datapoint: bool, remedy: str) -> tuple[dict, float]:
 # --------------------------------------------------------------------------------------------
 def site_log_prob(site: dict, scale_divisor: float = 1.0) -> torch.Tensor:
     """``log fn(value)`` scaled and masked as the site says, with ``scale_divisor`` taken out."""
-    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    log_p = log_density(site)
     scale = site["scale"]
     if scale_divisor != 1.0:
         scale = scale / scale_divisor
@@ -132,7 +133,8 @@ def _aligned(log_p: torch.Tensor, site: dict, plate_nesting: int, vectorized: bo
             "event dimensions with .to_event(), wrap batch dimensions in pyro.plate, or raise "
             "max_plate_nesting."
         )
-    log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
+    if log_p.dim() < ndim:
+        log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + log_p.shape)
     return log_p if vectorized else log_p.unsqueeze(0)
 
 
@@ -241,7 +243,10 @@ def _assemble(entries: dict, seq: list[str], vec_shape: list[int]) -> torch.Tens
     """Stack per-counter tensors ``(K, ...)`` into ``(K, *seq_sizes, *vec_shape)``."""
     if not entries:
         return None
-    flat = {key: t.reshape(t.shape[0], *vec_shape) for key, t in entries.items()}
+    flat = {
+        key: t if t.shape[1:] == tuple(vec_shape) else t.reshape(t.shape[0], *vec_shape)
+        for key, t in entries.items()
+    }
     if not seq:
         return flat[()]
     counters = [sorted({key[i] for key in flat}) for i in range(len(seq))]
@@ -262,9 +267,19 @@ def log_mean_exp(log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
-def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish's effective sample size ``1 / sum_k wbar_k^2`` per batch element."""
-    return torch.softmax(log_w, 0).square().sum(0).reciprocal()
+def scaled(factor: float, value: torch.Tensor) -> torch.Tensor:
+    """``factor * value``, without an operation (and an autograd node) when ``factor`` is 1."""
+    return value if factor == 1 else factor * value
+
+
+def effective_sample_size(log_w: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Kish's effective sample size ``1 / sum_k wbar_k^2`` per batch element (``weights``: the
+    normalized weights ``softmax(log_w, 0)``, if already computed).
+    """
+    if weights is None:
+        weights = torch.softmax(log_w, 0)
+    return weights.square().sum(0).reciprocal()
 
 
 def _nan_sites(runs) -> list[str]:

@@ -17,7 +17,13 @@ from ._args import check_fraction
 from ._base import WakeSleepLoss, shared_docs
 from ._dreg import DRegWarningOnce, check_dreg, reparameterized_sites
 from ._fantasy import FantasyArgs
-from ._weights import check_finite_bound, effective_sample_size, log_mean_exp, log_weights
+from ._weights import (
+    check_finite_bound,
+    effective_sample_size,
+    log_mean_exp,
+    log_weights,
+    scaled,
+)
 from .diagnostics import StepStats
 
 
@@ -207,16 +213,17 @@ class ReweightedWakeSleep(WakeSleepLoss):
         bound_n = log_mean_exp(log_w)
         check_finite_bound(bound_n, log_w, runs)
         weights = torch.softmax(log_w, 0)
-        bound = lw.scale * bound_n.sum()
+        bound = scaled(lw.scale, bound_n.sum())
+        loss = -bound
         # Particles of weight zero (log p = -inf, outside the model's support) drop out: else
         # 0 * -inf makes the surrogate and every gradient NaN.
         log_p = torch.where(weights > 0, lw.log_p, 0.0)
         # grad of -sum_k sg(wbar_k) log p(x, z_k) == grad of -log mean_k p(x, z_k)/sg q(z_k|x)
-        surrogate = -lw.scale * (weights * log_p).sum()
-        stats = StepStats(-bound, wake_theta=-bound, bound=bound, num_particles=self.num_particles)
-        stats.ess = effective_sample_size(log_w)
+        surrogate = scaled(-lw.scale, (weights * log_p).sum())
+        stats = StepStats(loss, wake_theta=loss, bound=bound, num_particles=self.num_particles)
+        stats.ess = effective_sample_size(log_w, weights)
         if self.insomnia > 0.0:
-            wake_phi = -lw.scale * (weights * lw.log_q).sum()
+            wake_phi = scaled(-lw.scale, (weights * lw.log_q).sum())
             stats.wake_phi = wake_phi.detach()
             if path is not None:
                 # RWS-DReG: (wbar - wbar^2) times the path derivative for rsample sites, the
@@ -224,14 +231,14 @@ class ReweightedWakeSleep(WakeSleepLoss):
                 wake_phi = (
                     -lw.scale * ((weights - weights.square()) * path + weights * log_q_score).sum()
                 )
-            surrogate = surrogate + self.insomnia * wake_phi
+            surrogate = surrogate + scaled(self.insomnia, wake_phi)
         if self.insomnia < 1.0:
             sleep_phi = self._sleep(model, guide, args, kwargs, plate_nesting, minibatch)
             surrogate = surrogate + (1.0 - self.insomnia) * sleep_phi
             stats.sleep_phi = sleep_phi.detach()
         if is_validation_enabled():
             warn_if_nan(surrogate, "wake-theta/wake-phi surrogate loss")
-        return -bound, surrogate, stats
+        return loss, surrogate, stats
 
     def _sleep(self, model, guide, args, kwargs, plate_nesting, minibatch):
         return self._sleep_phi(
