@@ -14,7 +14,9 @@ estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in one process.
 
 Timing: the step functions share one SBN and one ``torch.optim.Adam``; they run interleaved in
 ``--rounds`` rounds (order reversed every other round), each a block of steps sized to take about
-``--block-seconds``; the table gives the median over rounds of ms/step. Pyro's validation is
+``--block-seconds``; the table gives the median over rounds of ms/step, and of each round's ratio
+to the hand-written step timed in the same round (so that a change of the machine's load between
+rounds cancels out of the ratios). Pyro's validation is
 disabled for all (``pyro.enable_validation(False)``); one torch thread.
 
 Memory: for each configuration and step function a fresh subprocess builds the same SBN on
@@ -167,7 +169,14 @@ def time_config(train, layers, K, B, rounds, block_seconds, names):
             for x in xs:
                 steps[name](x)
             times[name].append(1000 * (time.perf_counter() - t0) / block)
-    return {n: statistics.median(t) for n, t in times.items()}, block, rel_err, first
+    ms = {n: statistics.median(t) for n, t in times.items()}
+    # the ratio of two step functions timed next to each other in the same round, median over
+    # rounds: a change of the machine's load between rounds cancels out
+    ratios = {
+        n: statistics.median(a / h for a, h in zip(t, times["hand"], strict=True))
+        for n, t in times.items()
+    }
+    return ms, ratios, block, rel_err, first
 
 
 def _proc_status() -> dict[str, int]:
@@ -303,16 +312,18 @@ def main(argv=None) -> int:
         print("|---:|---:|" + "---:|" * (len(names) + len(others) + 3))
     for row in results if not args.no_timing else []:
         K, B = row["K"], row["B"]
-        ms, block, rel_err, first = time_config(
+        ms, ratios, block, rel_err, first = time_config(
             train, layers, K, B, args.rounds, args.block_seconds, names
         )
-        row.update(ms=ms, block=block, grad_rel_diff=rel_err, first_call_s=first)
+        row.update(
+            ms=ms, ratio_to_hand=ratios, block=block, grad_rel_diff=rel_err, first_call_s=first
+        )
         compiled = ", ".join(f"{n} {first[n]:.1f}" for n in names if n.startswith("jit"))
         print(
             f"| {K} | {B} | "
             + " | ".join(f"{ms[n]:.2f}" for n in names)
             + " | "
-            + " | ".join(f"**{ms[n] / ms['hand']:.2f}**" for n in others)
+            + " | ".join(f"**{ratios[n]:.2f}**" for n in others)
             + f" | {block} | {rel_err:.1e} | {compiled or '-'} |",
             flush=True,
         )
