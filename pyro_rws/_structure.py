@@ -16,6 +16,7 @@ from collections.abc import Callable
 from itertools import zip_longest
 
 import pyro.poutine as poutine
+import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
@@ -57,9 +58,16 @@ def plate_frames(site: dict) -> tuple:
     return tuple(f for f in site["cond_indep_stack"] if f.name != PARTICLE_PLATE)
 
 
+def _size(size):
+    """A plate size as an int (``torch.jit.trace`` makes sizes read from shapes tensors)."""
+    return int(size) if isinstance(size, torch.Tensor) else size
+
+
 def _plates(site: dict) -> frozenset:
     """What must agree between model and guide about the plates around a site."""
-    return frozenset((f.name, f.dim, f.size, f.full_size, f.vectorized) for f in plate_frames(site))
+    return frozenset(
+        (f.name, f.dim, _size(f.size), _size(f.full_size), f.vectorized) for f in plate_frames(site)
+    )
 
 
 def _describe(plates: frozenset) -> str:
@@ -298,7 +306,7 @@ def check_model_guide_match(
 def _subsample_frames(trace: Trace) -> dict:
     """``{plate name: (size, full size)}`` of the trace's plates (their index draws)."""
     return {
-        name: (len(site["value"]), site["fn"].size)
+        name: (len(site["value"]), _size(site["fn"].size))
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and site_is_subsample(site) and name != PARTICLE_PLATE
     }

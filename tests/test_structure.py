@@ -7,6 +7,7 @@ is in test_properties.py.
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -358,3 +359,30 @@ def test_vectorized_stochastic_control_flow_points_to_vectorize_particles():
     assert math.isfinite(
         RWS(num_particles=5, vectorize_particles=False).loss(simulator, guide, torch.tensor(1.0))
     )
+
+
+def test_plate_sizes_read_from_shapes_under_torch_jit_trace():
+    """Under torch.jit.trace sizes read from shapes are tensors: compared as numbers."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(()))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    loss = RWS(3, max_plate_nesting=1)
+    x = torch.randn(4)
+    loss.differentiable_loss(model, guide, x)  # creates the parameter
+    loc = pyro.param("loc").unconstrained()
+
+    def step(loc, x):
+        return loss.differentiable_loss(model, guide, x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(step, (loc, x), check_trace=False)
+    assert torch.isfinite(traced(loc, x))
