@@ -1,7 +1,7 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Rewrites of a recorded step (a graph of ATen operations, see :mod:`pyro_rws._jit`) that make
+Rewrites of a recorded step (a graph of ATen operations, see :mod:`pyro_rws.jit`) that make
 it cheaper to replay and give the same numbers, bit for bit.
 
 A graph is recorded for one set of shapes, dtypes and devices (they are part of its key), so
@@ -9,10 +9,12 @@ what is static there can be decided once: a broadcast or reshape to the shape a 
 has is dropped; chains of ``expand`` become one; a multiplication by 1 is dropped; identical
 pure operations are merged; ``sum(-x)`` becomes ``-sum(x)`` (negation commutes exactly with
 rounding, so the value is the same, and the negation runs on the reduced tensor: torch's
-``Bernoulli.log_prob`` negates the whole ``(K, B, D)`` tensor before ``to_event`` sums it); and
+``Bernoulli.log_prob`` negates the whole ``(K, B, D)`` tensor before ``to_event`` sums it);
 operations whose gradient nothing needs run without autograd recording (the probabilities a
-sampler draws from, the weights, the statistics). Each operation left costs a Python call and an
-autograd node per step, which on small programs is most of a step.
+sampler draws from, the weights, the statistics), operations on tensors none of which requires
+grad run under whichever grad mode is current (one switch per change of mode), and a ``detach``
+of such a tensor is dropped. Each operation left costs a Python call and an autograd node per
+step, which on small programs is most of a step.
 
 Random and mutating operations are never moved or merged; a graph with mutations is left as
 recorded.
