@@ -2,17 +2,21 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Per-step time and peak memory of ``pyro_rws.ReweightedWakeSleep`` (eager, and compiled:
-``pyro_rws.JitRWS`` as a torch module and through ``SVI``) against Pyro's built-in
-``pyro.infer.ReweightedWakeSleep`` and a hand-written PyTorch implementation of the same
-estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in one process.
+``pyro_rws.JitRWS``; each as a torch module's loss and through ``SVI``) against Pyro's built-in
+``pyro.infer.ReweightedWakeSleep`` (with and without ``SVI``) and a hand-written PyTorch
+implementation of the same estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in
+one process.
 
     python benchmarks/step_time.py                      # MNIST 784-200 if present, else digits
     python benchmarks/step_time.py --data digits --layers 16
     python benchmarks/step_time.py --particles 5,20 --batch-sizes 32 --rounds 5 --no-memory
     python benchmarks/step_time.py --data digits --layers 64 --particles 5,50 \
         --contenders jit,jit-svi,jit-inductor,ours,pyro,hand     # the compiled losses
+    python benchmarks/step_time.py --data digits --contenders svi,pyro-svi,ours,pyro,hand
 
-Timing: the step functions share one SBN and one ``torch.optim.Adam``; they run interleaved in
+Timing: the step functions share one SBN and one ``torch.optim.Adam`` (the ``SVI`` contenders
+keep their own ``pyro.optim.Adam``, one ``torch.optim.Adam`` per parameter, as Pyro's ``SVI``
+does); they run interleaved in
 ``--rounds`` rounds (order reversed every other round), each a block of steps sized to take about
 ``--block-seconds``; the table gives the median over rounds of ms/step, and of each round's ratio
 to the hand-written step timed in the same round (so that a change of the machine's load between
@@ -46,7 +50,7 @@ from pyro.infer import ReweightedWakeSleep as PyroRWS
 from pyro_rws import RWS, JitRWS
 from pyro_rws.examples.sbn import SBN
 
-NAMES = ("ours", "ours-svi", "pyro", "hand", "jit", "jit-svi", "jit-inductor")
+NAMES = ("ours", "ours-svi", "pyro", "hand", "jit", "jit-svi", "jit-inductor", "svi", "pyro-svi")
 DEFAULT = "ours,ours-svi,pyro,hand"
 LABELS = {
     "ours": "pyro_rws RWS (differentiable_loss + backward)",
@@ -56,6 +60,8 @@ LABELS = {
     "jit": "pyro_rws JitRWS as a torch module, torch.optim.Adam (recorded graph replayed)",
     "jit-svi": "pyro_rws JitRWS through pyro.infer.SVI with pyro.optim.Adam",
     "jit-inductor": "pyro_rws JitRWS(jit_options={'backend': 'inductor'}) as a torch module",
+    "svi": "pyro_rws RWS through pyro.infer.SVI with pyro.optim.Adam",
+    "pyro-svi": "pyro.infer.ReweightedWakeSleep through pyro.infer.SVI with pyro.optim.Adam",
 }
 
 
@@ -71,6 +77,11 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
     svi = pyro.infer.SVI(
         sbn.model, sbn.guide, pyro.optim.Adam({"lr": lr}), loss=JitRWS(K, max_plate_nesting=1)
     )
+    svi_eager = pyro.infer.SVI(
+        sbn.model, sbn.guide, pyro.optim.Adam({"lr": lr}), loss=RWS(K, max_plate_nesting=1)
+    )
+    pyro_loss = PyroRWS(K, insomnia=1.0, vectorize_particles=True, max_plate_nesting=1)
+    svi_pyro = pyro.infer.SVI(sbn.model, sbn.guide, pyro.optim.Adam({"lr": lr}), loss=pyro_loss)
 
     def step_ours(x):
         optim.zero_grad()
@@ -105,6 +116,12 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
     def step_jit_svi(x):
         svi.step(x)
 
+    def step_svi(x):
+        svi_eager.step(x)
+
+    def step_pyro_svi(x):
+        svi_pyro.step(x)
+
     return {
         "ours": step_ours,
         "ours-svi": step_ours_svi,
@@ -113,6 +130,8 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
         "jit": step_jit,
         "jit-svi": step_jit_svi,
         "jit-inductor": step_jit_inductor,
+        "svi": step_svi,
+        "pyro-svi": step_pyro_svi,
     }
 
 
