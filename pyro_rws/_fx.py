@@ -6,15 +6,16 @@ it cheaper to replay and give the same numbers, bit for bit.
 
 A graph is recorded for one set of shapes, dtypes and devices (they are part of its key), so
 what is static there can be decided once: a broadcast or reshape to the shape a tensor already
-has is dropped; chains of ``expand`` become one; a multiplication by 1 is dropped; identical
-pure operations are merged; ``sum(-x)`` becomes ``-sum(x)`` (negation commutes exactly with
-rounding, so the value is the same, and the negation runs on the reduced tensor: torch's
-``Bernoulli.log_prob`` negates the whole ``(K, B, D)`` tensor before ``to_event`` sums it);
-operations whose gradient nothing needs run without autograd recording (the probabilities a
-sampler draws from, the weights, the statistics), operations on tensors none of which requires
-grad run under whichever grad mode is current (one switch per change of mode), and a ``detach``
-of such a tensor is dropped. Each operation left costs a Python call and an autograd node per
-step, which on small programs is most of a step.
+has is dropped (a chain of ``expand`` is kept: one ``expand`` would sum its gradient in another
+order); a multiplication by 1 is dropped; identical pure operations are merged; ``sum(-x)``
+becomes ``-sum(x)`` (negation commutes exactly with rounding, so the value is the same, and the
+negation runs on the reduced tensor: torch's ``Bernoulli.log_prob`` negates the whole
+``(K, B, D)`` tensor before ``to_event`` sums it); operations whose gradient nothing needs run
+without autograd recording (the probabilities a sampler draws from, the weights, the
+statistics), operations on tensors none of which requires grad run under whichever grad mode is
+current (one switch per change of mode), and a ``detach`` of such a tensor is dropped. Each
+operation left costs a Python call and an autograd node per step, which on small programs is
+most of a step.
 
 Random and mutating operations are never moved or merged; a graph with mutations is left as
 recorded.
@@ -128,13 +129,6 @@ def _drop_noop_views(graph: Graph, modes) -> None:
         target, args = node.target, node.args
         if target in _VIEWS and _same_layout(args[0], node):
             node.replace_all_uses_with(args[0])
-        elif (
-            target is aten.expand.default
-            and isinstance(args[0], Node)
-            and args[0].target is aten.expand.default
-            and modes[args[0]] == modes[node]
-        ):
-            node.args = (args[0].args[0], *args[1:])  # expand(expand(x, s), t) = expand(x, t)
         elif target is aten.broadcast_tensors.default:
             for user in list(node.users):
                 if user.target is operator.getitem:

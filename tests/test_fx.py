@@ -24,7 +24,7 @@ aten = torch.ops.aten
 
 
 def noop_views(p, x):
-    """Views to the shape a tensor has, chained expands, sum(-x), a multiplication by 1."""
+    """Views to the shape a tensor has, sum(-x), a multiplication by 1, no-grad sampling."""
     K, B, D = 4, *x.shape
     logits = torch.nn.functional.linear(x, p)  # (B, D)
     (b,) = torch.broadcast_tensors(logits)
@@ -47,6 +47,13 @@ def no_grad_views(p, x):
         v = p.expand(p.shape)
         u = (p * 2).expand(p.shape)
     return (v * x[0]).sum() + u.sum(), ((v + p) * x[0]).sum()
+
+
+def expand_chains(p, x):
+    """A chain of expands (kept: merged, its gradient would be summed in another order)."""
+    row = p[:1]  # (1, 6)
+    e = row.expand(5, 6).expand(3, -1, 6)  # (3, 5, 6), not (3, 1, 6)
+    return e.sum().detach(), (e * x[0]).sum()
 
 
 def mutating(p, x):
@@ -72,7 +79,7 @@ def _calls(graph):
     return [n for n in graph.graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("fn", [noop_views, no_grad_views, mutating])
+@pytest.mark.parametrize("fn", [noop_views, no_grad_views, expand_chains, mutating])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_values_and_gradients_bit_for_bit(fn, dtype):
     torch.manual_seed(1)

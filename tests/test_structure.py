@@ -363,6 +363,7 @@ def test_vectorized_stochastic_control_flow_points_to_vectorize_particles():
 
 def test_plate_sizes_read_from_shapes_under_torch_jit_trace():
     """Under torch.jit.trace sizes read from shapes are tensors: compared as numbers."""
+
     def model(x):
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
