@@ -7,15 +7,15 @@ it cheaper to replay and give the same numbers, bit for bit.
 A graph is recorded for one set of shapes, dtypes and devices (they are part of its key), so
 what is static there can be decided once: a broadcast or reshape to the shape a tensor already
 has is dropped (a chain of ``expand`` is kept: one ``expand`` would sum its gradient in another
-order); a multiplication by 1 is dropped; identical pure operations are merged; ``sum(-x)``
-becomes ``-sum(x)`` (negation commutes exactly with rounding, so the value is the same, and the
-negation runs on the reduced tensor: torch's ``Bernoulli.log_prob`` negates the whole
-``(K, B, D)`` tensor before ``to_event`` sums it); operations whose gradient nothing needs run
-without autograd recording (the probabilities a sampler draws from, the weights, the
-statistics), operations on tensors none of which requires grad run under whichever grad mode is
-current (one switch per change of mode), and a ``detach`` of such a tensor is dropped. Each
-operation left costs a Python call and an autograd node per step, which on small programs is
-most of a step.
+order); a multiplication by 1 is dropped; identical pure operations that autograd does not
+record are merged; ``sum(-x)`` becomes ``-sum(x)`` (negation commutes exactly with rounding, so
+the value is the same, and the negation runs on the reduced tensor: torch's
+``Bernoulli.log_prob`` negates the whole ``(K, B, D)`` tensor before ``to_event`` sums it);
+operations whose gradient nothing needs run without autograd recording (the probabilities a
+sampler draws from, the weights, the statistics), operations on tensors none of which requires
+grad run under whichever grad mode is current (one switch per change of mode), and a ``detach``
+of such a tensor is dropped. Each operation left costs a Python call and an autograd node per
+step, which on small programs is most of a step.
 
 Random and mutating operations are never moved or merged; a graph with mutations is left as
 recorded.
@@ -50,9 +50,9 @@ def simplify(captured: GraphModule, differentiable_outputs=(1,), grad_inputs=Non
     if not _mutates(graph):
         modes = _grad_modes(graph)
         _drop_noop_views(graph, modes)
-        _merge_duplicates(graph, modes)
         _sum_before_neg(graph, modes)
         _skip_unneeded_grad(graph, modes, differentiable_outputs, grad_inputs)
+        _merge_duplicates(graph, modes)
         _emit_grad_switches(graph, modes)
     graph.eliminate_dead_code()
     captured.recompile()
@@ -156,10 +156,17 @@ def _frozen(value):
 
 
 def _merge_duplicates(graph: Graph, modes) -> None:
-    """Identical pure operations under the same grad mode become one."""
+    """
+    Identical pure operations that autograd does not record become one (merging recorded ones
+    would add their gradients before the backward instead of after it: another rounding).
+    """
     seen = {}
     for node in _calls(graph):
-        if node.target is _SET_GRAD or is_impure(node.target, args=node.args, kwargs=node.kwargs):
+        if (
+            node.target is _SET_GRAD
+            or modes.get(node) is True
+            or is_impure(node.target, args=node.args, kwargs=node.kwargs)
+        ):
             continue
         key = (node.target, _frozen(node.args), _frozen(node.kwargs), modes[node])
         try:

@@ -56,6 +56,14 @@ def expand_chains(p, x):
     return e.sum().detach(), (e * x[0]).sum()
 
 
+def duplicates(p, x):
+    """The same operation twice, with and without autograd recording."""
+    a, b = torch.sigmoid(p), torch.sigmoid(p)  # recorded: kept apart
+    with torch.no_grad():
+        c, d = p.exp(), p.exp()  # not recorded: merged
+    return (c + d).sum(), ((a * c + b * d) * x[0]).sum()
+
+
 def mutating(p, x):
     y = p * 1.0
     y.add_(1.0)
@@ -79,7 +87,7 @@ def _calls(graph):
     return [n for n in graph.graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("fn", [noop_views, no_grad_views, expand_chains, mutating])
+@pytest.mark.parametrize("fn", [noop_views, no_grad_views, expand_chains, duplicates, mutating])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_values_and_gradients_bit_for_bit(fn, dtype):
     torch.manual_seed(1)
@@ -129,6 +137,13 @@ def test_only_what_the_surrogate_needs_is_recorded_by_autograd():
         else:
             modes[n.target] = mode
     assert modes[aten.sigmoid.default] is False
+
+
+def test_duplicates_merged_only_without_autograd():
+    p, x = torch.randn(6, 6, requires_grad=True), torch.randn(5, 6)
+    targets = [n.target for n in _calls(simplify(_record(duplicates, p, x)))]
+    assert targets.count(aten.exp.default) == 1
+    assert targets.count(aten.sigmoid.default) == 2
 
 
 def test_mutating_graph_is_left_as_recorded():
