@@ -23,8 +23,8 @@ import sys
 
 import pyro
 import torch
-from _common import load_data, machine
-from step_time import LABELS, NAMES, make_steps
+from _common import machine
+from step_time import LABELS, make_steps, prepare
 
 from pyro_rws.examples.sbn import SBN
 
@@ -60,21 +60,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--contenders", default="jit,ours,pyro,hand")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    pyro.enable_validation(False)
-    loaded = load_data(args.data)
-    if loaded is None:
-        print("binarized MNIST not found", file=sys.stderr)
+    setup = prepare(p, args)
+    if setup is None:
         return 1
-    train, _, label = loaded
-    default_layers = "200" if "MNIST" in label else "16"
-    layers = tuple(int(t) for t in (args.layers or default_layers).split(","))
-    names = [n.strip() for n in args.contenders.split(",")]
-    unknown = sorted(set(names) - set(NAMES))
-    if unknown:
-        p.error(f"unknown contenders {unknown}; choose from {', '.join(NAMES)}")
-    if "hand" not in names:
-        names.append("hand")
+    train, label, layers, names = setup
     K, B = args.particles, args.batch_size
     print(f"# peak tensor memory of a step: SBN {'-'.join(map(str, (train.shape[-1], *layers)))}")
     print(f"# on {label}, K={K}, B={B}; {machine()}")

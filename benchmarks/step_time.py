@@ -263,6 +263,31 @@ def measure_memory(name, x_dim, layers, K, B) -> float:
     return json.loads(out.strip().splitlines()[-1])["mib"]
 
 
+def prepare(parser, args):
+    """
+    One thread, validation off, the data (``args.data``), the SBN's layers (``args.layers``, or
+    200 on MNIST and 16 on digits) and the contenders (``args.contenders``, with ``hand``):
+    ``(train, label, layers, names)``, or None if MNIST was asked for and is not there.
+    """
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    loaded = load_data(args.data)
+    if loaded is None:
+        print("binarized MNIST not found", file=sys.stderr)
+        return None
+    train, _, label = loaded
+    layers = tuple(
+        int(t) for t in (args.layers or ("200" if "MNIST" in label else "16")).split(",")
+    )
+    names = [n.strip() for n in args.contenders.split(",")]
+    unknown = sorted(set(names) - set(NAMES))
+    if unknown:
+        parser.error(f"unknown contenders {unknown}; choose from {', '.join(NAMES)}")
+    if "hand" not in names:
+        names.append("hand")
+    return train, label, layers, names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -291,24 +316,12 @@ def main(argv=None) -> int:
         memory_child(args)
         return 0
 
-    torch.set_num_threads(1)
-    pyro.enable_validation(False)
-    loaded = load_data(args.data)
-    if loaded is None:
-        print("binarized MNIST not found", file=sys.stderr)
+    setup = prepare(p, args)
+    if setup is None:
         return 1
-    train, _, label = loaded
-    layers = tuple(
-        int(t) for t in (args.layers or ("200" if "MNIST" in label else "16")).split(",")
-    )
+    train, label, layers, names = setup
     Ks = [int(t) for t in args.particles.split(",")]
     Bs = [int(t) for t in args.batch_sizes.split(",")]
-    names = [n.strip() for n in args.contenders.split(",")]
-    unknown = sorted(set(names) - set(NAMES))
-    if unknown:
-        p.error(f"unknown contenders {unknown}; choose from {', '.join(NAMES)}")
-    if "hand" not in names:
-        names.append("hand")
     others = [n for n in names if n != "hand"]
     arch = "-".join(map(str, (train.shape[-1], *layers)))
     print(f"# step time: SBN {arch} on {label}")
