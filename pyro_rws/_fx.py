@@ -219,7 +219,9 @@ def _skip_unneeded_grad(graph: Graph, modes, differentiable_outputs, grad_inputs
     that do, None for all); ``detach`` of a tensor that does not require grad is dropped.
     """
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    tracks = {n for i, n in enumerate(placeholders) if grad_inputs is None or i in set(grad_inputs)}
+    if grad_inputs is not None:
+        placeholders = [placeholders[i] for i in grad_inputs]
+    tracks = set(placeholders)
     for node in _calls(graph):
         if node.target is _SET_GRAD or node.target is aten.detach.default:
             continue
