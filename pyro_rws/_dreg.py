@@ -48,7 +48,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 
 from ._structure import is_latent
-from ._traces import in_particle_plate
+from ._traces import in_particle_plate, replay_model
 from ._weights import LogWeights, log_weights
 
 
@@ -120,9 +120,9 @@ def _replay_detached(model, guide, args, kwargs, runs, *, num_particles, vectori
     for _, guide_trace in runs:
         fixed = _detached_copy(guide_trace)
         guide_replay = poutine.trace(poutine.replay(guide, trace=fixed)).get_trace(*args, **kwargs)
-        model_replay = poutine.trace(poutine.replay(model, trace=guide_replay)).get_trace(
-            *args, **kwargs
-        )
+        model_replay = poutine.trace(
+            replay_model(model, guide_replay, plate_nesting, vectorize)
+        ).get_trace(*args, **kwargs)
         replays.append((model_replay, guide_replay))
     return replays
 

@@ -13,9 +13,14 @@ particle's model density is the marginal
 
 .. math:: \log p(x, z^k) = \log \sum_e p(x, z^k, e)
 
-per datapoint. Every estimator uses it unchanged. Where the factors of the enumerated sites share
-one plate context (the usual per-datapoint discrete variable) the sum is one log-sum-exp over
-their joint table; otherwise Pyro's tensor variable elimination
+per datapoint. A site the guide samples may depend on an enumerated site (its model
+distribution's parameters do): its log-density then carries that site's dimension too, recorded
+in ``infer["_dim_to_id"]`` as Pyro's enumeration records it for every downstream site, and it
+is a factor of the same sum. An enumerated site outside a batch plate (a global one) thus sums
+over the product of the factors along the plate: the weights are joint along it (see
+``pyro_rws._weights``). Every estimator uses it unchanged. Where the factors of the enumerated
+sites share one plate context (the usual per-datapoint discrete variable) the sum is one
+log-sum-exp over their joint table; otherwise Pyro's tensor variable elimination
 (:func:`pyro.ops.contract.contract_to_tensor`) contracts them, with a log-space einsum that is
 stable in the gradient too (``einsum``). Scales and masks follow ``TraceEnum_ELBO``:
 on the factors that touch an enumerated dimension the mask acts inside the sum and the (common)
@@ -23,7 +28,8 @@ scale outside; the subsample factor of the batch plates is taken out, as for eve
 (see ``pyro_rws._weights``).
 
 The sleep phase does not enumerate: the model runs unconditioned and enumerated sites are
-sampled like any other; the guide scores only its own sites.
+sampled like any other; the guide scores only its own sites. Its expectation is then that of the
+marginal: :math:`\mathbb{E}_{p(x, z, e)} \log q(z | x) = \mathbb{E}_{p(x, z)} \log q(z | x)`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pyro.ops.contract import contract_to_tensor
 from pyro.ops.einsum.util import Tensordot
 from pyro.ops.rings import LogRing
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_site_shape
@@ -92,8 +99,10 @@ def enumerated_site_error(name: str, infer: dict, role: str) -> NotImplementedEr
 class EnumerateModel(EnumMessenger):
     """
     Parallel enumeration of the model's enumerated sites that the guide does not sample, placed
-    inside ``poutine.replay`` (so it sees each site before the replay does). Raises for
-    enumeration it cannot sum out (sequential, Monte Carlo, inside ``pyro.markov``).
+    inside ``poutine.replay`` (so it sees each site before the replay does). Sites replayed from
+    the guide are not enumerated, but record the enumerated dims their distribution may depend
+    on, as every other site does. Raises for enumeration it cannot sum out (sequential, Monte
+    Carlo, inside ``pyro.markov``).
 
     :param int first_available_dim: the first dimension left of the plates and the particle
         plate.
@@ -127,7 +136,14 @@ class EnumerateModel(EnumMessenger):
 
     def _pyro_sample(self, msg) -> None:
         if msg["name"] in self.guide_trace.nodes:
-            return  # replayed from the guide
+            # replayed from the guide, never enumerated; but its distribution may depend on
+            # enumerated sites upstream (a latent whose prior depends on an enumerated parent):
+            # remember the enumerated dims in scope, which ``_pyro_post_sample`` records in
+            # infer["_dim_to_id"] (of the guide's infer dict, which the replay hands the
+            # model's site, as in TraceEnum_ELBO), so that the log-density's enumerated dims
+            # are known and summed out with the others
+            self._param_dims[msg["name"]] = _ENUM_ALLOCATOR.dim_to_id.copy()
+            return
         if not msg["is_observed"] and not site_is_subsample(msg):
             error = enumerated_site_error(msg["name"], msg["infer"] or {}, "model")
             if error is not None:

@@ -238,6 +238,7 @@ def check_model_guide_match(
     - every shared site lies in the same plates (names, sizes, dims), so that subsample
       indices are shared and log-densities line up datapoint by datapoint;
     - no vectorized plate sits left of ``-plate_nesting`` (where the particle plate goes);
+    - in the sleep phase, the guide can score each fantasy (:func:`check_fantasy_shape`);
     - with validation on, model and guide agree on each shared site's event dim and shape.
     """
     where = _REMEDY.get(phase, "")
@@ -284,8 +285,17 @@ def check_model_guide_match(
             "mark guide-only variables with infer={'is_auxiliary': True}."
         )
 
+    shared = model_latents
+    if phase == "sleep":
+        # a model site marked for enumeration (config_enumerate marks every discrete site) that
+        # the guide samples is sampled by the model and scored by the guide like any latent
+        shared = model_latents | {
+            n
+            for n in guide_latents
+            if n in model_trace.nodes and is_model_latent(model_trace.nodes[n])
+        }
     _check_plates(model_trace, guide_trace, where)
-    for name in model_latents:
+    for name in shared:
         model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
         model_plates, guide_plates = _plates(model_site), _plates(guide_site)
         if model_plates != guide_plates:
@@ -298,8 +308,11 @@ def check_model_guide_match(
     if plate_nesting is not None:
         _check_nesting(model_trace, "model", plate_nesting)
         _check_nesting(guide_trace, "guide", plate_nesting)
+    if phase == "sleep":  # validation on or off
+        for name in shared:
+            check_fantasy_shape(name, guide_trace.nodes[name])
     if is_validation_enabled():
-        for name in model_latents:
+        for name in shared:
             _check_shapes(name, model_trace.nodes[name], guide_trace.nodes[name], where)
 
 
@@ -357,3 +370,32 @@ def _check_shapes(name: str, model_site: dict, guide_site: dict, where: str) -> 
                 f"model and guide shapes disagree at site '{name}'{where}: "
                 f"{tuple(m_shape)} in the model, {tuple(g_shape)} in the guide."
             )
+
+
+def check_fantasy_shape(name: str, site: dict) -> None:
+    """
+    At guide site ``name`` replayed on a sleep-phase fantasy: raise unless the value ends in the
+    guide distribution's event shape and the rest broadcasts into its batch shape without
+    enlarging it (but for leading 1s). Shapes only; torch's error while scoring (or a log q
+    silently broadcast to a larger shape) would not name the site.
+    """
+    fn, value = site["fn"], site["value"]
+    batch, event = getattr(fn, "batch_shape", None), getattr(fn, "event_shape", None)
+    if batch is None or event is None or not torch.is_tensor(value):
+        return
+    shape, n = value.shape, len(event)
+    if len(shape) >= n and shape[len(shape) - n :] == event:
+        value_batch = shape[: len(shape) - n]
+        extra = max(len(value_batch) - len(batch), 0)
+        aligned = value_batch[extra:]  # against the rightmost dims of the batch shape
+        if all(v == 1 for v in value_batch[:extra]) and all(
+            v in (1, b) for v, b in zip(aligned, batch[len(batch) - len(aligned) :], strict=True)
+        ):
+            return
+    raise ValueError(
+        f"guide site '{name}' cannot score the model's fantasy in the sleep phase: the "
+        f"fantasy has shape {tuple(shape)}, the guide's distribution batch shape "
+        f"{tuple(batch)} and event shape {tuple(event)}. Give the site the same shape in model "
+        "and guide: the same event dims (.to_event(n)) and the same plates, with no other "
+        "batch dimensions."
+    )

@@ -51,6 +51,16 @@ def replaying(fn: Callable, trace: Trace | None) -> Callable:
     return fn if trace is None else poutine.replay(fn, trace=trace)
 
 
+def replay_model(model: Callable, guide_trace: Trace, plate_nesting: int, vectorize: bool):
+    """
+    ``model`` replayed on the guide's sample values, its other sites marked for parallel
+    enumeration enumerated left of the plates and of the particle plate (see
+    :mod:`pyro_rws._enum`): the model of every wake-phase run.
+    """
+    enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
+    return poutine.replay(enumerated, trace=guide_trace)
+
+
 Runs = list[tuple[Trace, Trace]]
 
 #: Added to errors raised by a program run with a particle dimension.
@@ -130,8 +140,7 @@ def wake_traces(
             guide_trace = SampleTrace(detach)(replaying(guide, minibatch)).get_trace(
                 *args, **kwargs
             )
-            enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
-            replayed = poutine.replay(enumerated, trace=guide_trace)
+            replayed = replay_model(model, guide_trace, plate_nesting, vectorize)
             model_trace = SampleTrace(replayed="model")(replayed).get_trace(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if vectorize and num_particles > 1:

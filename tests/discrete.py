@@ -24,6 +24,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
@@ -98,16 +99,40 @@ def fixed_trace(**values) -> Trace:
     return trace
 
 
-def with_draws(guide_fn, draws: torch.Tensor, vectorized=True):
-    """``guide_fn`` with its site "z" fixed: all K particles at once, or one per call."""
+def fixed_draws(fn, draws: dict, vectorized=True, **shared):
+    """
+    ``fn`` with its sites fixed: ``draws`` maps site names to values with K particles along
+    dim 0, given all at once (vectorized) or particle k at the k-th call, cycling (a sleep phase
+    may call the guide again); ``shared`` maps site names to values every call gets (e.g. the
+    indices of a subsampled plate).
+    """
     if vectorized:
-        return poutine.replay(guide_fn, trace=fixed_trace(z=draws))
-    queue = iter(draws)
+        return poutine.replay(fn, trace=fixed_trace(**draws, **shared))
+    K = len(next(iter(draws.values())))
+    calls = itertools.cycle(range(K))
 
     def one_at_a_time(*args, **kwargs):
-        return poutine.replay(guide_fn, trace=fixed_trace(z=next(queue)))(*args, **kwargs)
+        k = next(calls)
+        trace = fixed_trace(**{name: value[k] for name, value in draws.items()}, **shared)
+        return poutine.replay(fn, trace=trace)(*args, **kwargs)
 
     return one_at_a_time
+
+
+def with_draws(guide_fn, draws: torch.Tensor, vectorized=True):
+    """``guide_fn`` with its site "z" fixed: all K particles at once, or one per call."""
+    return fixed_draws(guide_fn, {"z": draws}, vectorized)
+
+
+def all_draws(K: int, N: int, num_values: int, log_q):
+    """
+    Every (K, N) draw of a site with values ``0 .. num_values - 1`` (K particles, N
+    datapoints), with its probability under the guide; ``log_q(z)`` gives the (K, N) guide
+    log-densities of a draw ``z``.
+    """
+    for flat in itertools.product(range(num_values), repeat=K * N):
+        z = torch.tensor(flat).reshape(K, N)
+        yield z, log_q(z).sum().exp().detach()
 
 
 class FixFantasies(Messenger):
@@ -125,12 +150,8 @@ class FixFantasies(Messenger):
 
 def joint_draws(x: torch.Tensor, K: int):
     """All (K, N) draws of z for the batch ``x``, with their probabilities under the guide."""
-    N = len(x)
     lq = log_guide_table()
-    for flat in itertools.product(range(C), repeat=K * N):
-        z = torch.tensor(flat).reshape(K, N)
-        log_prob = lq[x.long().expand(K, N), z].sum()
-        yield z, log_prob.exp().detach()
+    yield from all_draws(K, len(x), C, lambda z: lq[x.long().expand(z.shape), z])
 
 
 def expected_grad(loss, x, K, names, vectorized=True):
@@ -207,3 +228,50 @@ def guide_sub(x, batch):
     table = pyro.param("table")
     with pyro.plate("data", len(x), subsample_size=batch) as idx:
         pyro.sample("z", dist.Categorical(logits=table[x[idx].long()]))
+
+
+# ------------------------------------------------------------------------------------------
+# a latent sampled by the guide whose model distribution depends on an enumerated site
+# (issue 18; its exact tests are in test_enum_parents.py)
+# ------------------------------------------------------------------------------------------
+def init_parent_params(dtype=torch.float64):
+    pyro.param("c", torch.tensor(0.3, dtype=dtype))
+    pyro.param("uv", torch.tensor([-0.2, 1.1], dtype=dtype))
+    pyro.param("w", torch.tensor([0.1, 1.5, -0.8], dtype=dtype))
+    pyro.param("f", torch.tensor([0.2, 0.7], dtype=dtype))
+
+
+def make_model(where: str, kind: str = "normal", subsample_size=None):
+    """
+    ``g ~ Bernoulli(sigmoid(c))`` enumerated, ``where`` = "global" (outside the data plate) or
+    "local" (inside it); per datapoint ``z ~ Bernoulli(sigmoid(u + v g))`` and ``x ~ Normal(w0 +
+    w1 z + w2 g, 1)`` observed (``kind="bernoulli"``: ``x ~ Bernoulli(sigmoid(...))``).
+    """
+
+    @config_enumerate
+    def model(x):
+        c, (u, v), w = pyro.param("c"), pyro.param("uv"), pyro.param("w")
+        if where == "global":
+            g = pyro.sample("g", dist.Bernoulli(logits=c))
+        with pyro.plate("data", x.shape[-1], subsample_size=subsample_size) as idx:
+            if where == "local":
+                g = pyro.sample("g", dist.Bernoulli(logits=c))
+            z = pyro.sample("z", dist.Bernoulli(logits=u + v * g))
+            loc = w[0] + w[1] * z + w[2] * g
+            obs = x if subsample_size is None else x[..., idx]
+            emission = dist.Normal(loc, 1.0) if kind == "normal" else dist.Bernoulli(logits=loc)
+            pyro.sample("x", emission, obs=obs)
+
+    return model
+
+
+def make_guide(subsample_size=None):
+    """``q(z | x) = Bernoulli(sigmoid(f0 + f1 x))`` per datapoint."""
+
+    def guide(x):
+        f = pyro.param("f")
+        with pyro.plate("data", x.shape[-1], subsample_size=subsample_size) as idx:
+            x = x if subsample_size is None else x[..., idx]
+            pyro.sample("z", dist.Bernoulli(logits=f[0] + f[1] * x))
+
+    return guide

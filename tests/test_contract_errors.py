@@ -377,3 +377,65 @@ def test_nan_in_sleep_phase_warns_with_validation(case):
     # the same with validation off: no warning (filterwarnings = error would raise)
     pyro.enable_validation(False)
     assert torch.isnan(loss.differentiable_loss(model, g, x))
+
+
+def make_guide_misshaped_on_fantasies(real_x):
+    """
+    A guide whose site z has an extra event dim (shape (N, 2) where the model's is (N,)) when
+    it is called with anything but the real data: only the sleep phase meets it (issue 18).
+    """
+
+    def guide_misshaped(x):
+        a = pyro.param("a", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[-1]):
+            loc = a * x
+            if x is real_x:
+                pyro.sample("z", dist.Normal(loc, 1.0))
+            else:
+                pyro.sample(
+                    "z", dist.Normal(loc.unsqueeze(-1).expand(loc.shape + (2,)), 1.0).to_event(1)
+                )
+
+    return guide_misshaped
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["validation", "no-validation"])
+@pytest.mark.parametrize("num_sleep_particles", [1, 3])
+def test_sleep_phase_guide_shape_mismatch_names_the_site(case, validation, num_sleep_particles):
+    """Validation on or off: a ValueError naming the site and the shapes, not torch's error."""
+    if not case.has_sleep:
+        pytest.skip("no sleep phase")
+    x = data()
+    loss = case.make(num_sleep_particles=num_sleep_particles)
+    pyro.enable_validation(validation)
+    # (several vectorized sleep particles fail, and the guide is then run once per particle)
+    expected = (
+        r"guide site 'z' cannot score the model's fantasy in the sleep phase: the fantasy has "
+        r"shape \(4,\), the guide's distribution batch shape \(4,\) and event shape \(2,\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        loss.loss(model, make_guide_misshaped_on_fantasies(x), x)
+
+
+@pytest.mark.parametrize(
+    "value_shape, batch_shape, event_shape, ok",
+    [
+        ((4,), (4,), (), True),
+        ((1, 4), (4,), (), True),  # a leading dim of size 1
+        ((4,), (3, 4), (), True),  # broadcast into the batch shape
+        ((4, 2), (4,), (2,), True),
+        ((4,), (4,), (2,), False),  # issue 18: an event dim the fantasy lacks
+        ((2, 4), (4,), (), False),  # would broadcast log q to a larger shape, silently
+        ((4, 3), (4,), (2,), False),
+    ],
+)
+def test_fantasy_shape_check(value_shape, batch_shape, event_shape, ok):
+    from pyro_rws._structure import check_fantasy_shape
+
+    fn = dist.Normal(torch.zeros(batch_shape + event_shape), 1.0).to_event(len(event_shape))
+    site = {"fn": fn, "value": torch.zeros(value_shape)}
+    if ok:
+        check_fantasy_shape("z", site)
+    else:
+        with pytest.raises(ValueError, match=r"guide site 'z' .* fantasy has shape"):
+            check_fantasy_shape("z", site)

@@ -23,7 +23,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from discrete import FixFantasies, fixed_trace
+from discrete import FixFantasies, all_draws, fixed_draws
 from pyro.infer import config_enumerate
 
 from pyro_rws import RWS, VIMCO, SleepPhaseLoss, WakeSleepELBO
@@ -135,25 +135,16 @@ def exact_wake_phi(x, K):
 # the library on fixed draws
 # ------------------------------------------------------------------------------------------
 def fixed_guide(draws, vectorized, fn=guide, **extra):
-    if vectorized:
-        return poutine.replay(fn, trace=fixed_trace(z1=draws, **extra))
-    queue = itertools.cycle(draws)  # a sleep phase may call the guide again
-
-    def one_at_a_time(*args, **kwargs):
-        trace = fixed_trace(z1=next(queue), **extra)
-        return poutine.replay(fn, trace=trace)(*args, **kwargs)
-
-    return one_at_a_time
+    return fixed_draws(fn, {"z1": draws}, vectorized, **extra)
 
 
 def expected(loss, x, K, vectorized=True):
     """Exact expectation over the guide's K x N draws of the library's differentiable loss."""
     lq = log_guide()
     total = 0.0
-    for flat in itertools.product(range(2), repeat=K * len(x)):
-        z = torch.tensor(flat, dtype=x.dtype).reshape(K, len(x))
-        prob = lq[x.long().expand(K, -1), z.long()].sum().exp().detach()
-        total = total + prob * loss.differentiable_loss(model, fixed_guide(z, vectorized), x)
+    for z, prob in all_draws(K, len(x), 2, lambda z: lq[x.long().expand(z.shape), z]):
+        draws = fixed_guide(z.to(x.dtype), vectorized)
+        total = total + prob * loss.differentiable_loss(model, draws, x)
     return total
 
 

@@ -31,10 +31,13 @@ from discrete import (
     guide,
     guide_sub,
     init_params,
+    init_parent_params,
     iwae,
     joint_draws,
     log_guide_table,
     log_joint_table,
+    make_guide,
+    make_model,
     model,
     model_sub,
     params,
@@ -541,34 +544,48 @@ def test_first_call_draws_what_eager_draws(name):
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("pair", ["rws", "vimco", "ws"])
-def test_enumerated_model_same_as_eager(pair):
-    """The compiled losses sum out enumerated sites (issue 11) exactly as the eager ones."""
+@config_enumerate
+def enum_child_model(x):
+    w = pyro.param("w", torch.tensor([0.3, 0.7]))
+    locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", len(x)):
+        z1 = pyro.sample("z1", dist.Bernoulli(0.4))
+        c = pyro.sample("c", dist.Categorical(logits=w + z1.unsqueeze(-1)))
+        pyro.sample("x", dist.Normal(locs[c] + z1, 1.0), obs=x)
 
-    @config_enumerate
-    def model(x):
-        w = pyro.param("w", torch.tensor([0.3, 0.7]))
-        locs = pyro.param("locs", torch.tensor([-1.0, 1.0]))
-        with pyro.plate("data", len(x)):
-            z1 = pyro.sample("z1", dist.Bernoulli(0.4))
-            c = pyro.sample("c", dist.Categorical(logits=w + z1.unsqueeze(-1)))
-            pyro.sample("x", dist.Normal(locs[c] + z1, 1.0), obs=x)
 
-    def guide(x):
-        a = pyro.param("a", torch.tensor(0.1))
-        with pyro.plate("data", len(x)):
-            pyro.sample("z1", dist.Bernoulli(logits=a * x))
+def enum_child_guide(x):
+    a = pyro.param("a", torch.tensor(0.1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("z1", dist.Bernoulli(logits=a * x))
 
-    eager_cls, jit_cls = {
-        "rws": (RWS, JitRWS),
-        "vimco": (VIMCO, JitVIMCO),
-        "ws": (WakeSleepELBO, JitWakeSleepELBO),
+
+# the enumerated site downstream of the guide's (issue 11), or its parent, global or per
+# datapoint (issue 18): (model, guide, parameters to create)
+ENUM_PROGRAMS = {
+    "child": (enum_child_model, enum_child_guide, lambda: None),
+    "global-parent": (make_model("global"), make_guide(), init_parent_params),
+    "local-parent": (make_model("local"), make_guide(), init_parent_params),
+}
+
+
+@pytest.mark.parametrize("program", list(ENUM_PROGRAMS))
+@pytest.mark.parametrize("pair", ["rws", "rws-insomnia", "vimco", "ws"])
+def test_enumerated_model_same_as_eager(pair, program):
+    """The compiled losses sum out enumerated sites (issues 11, 18) exactly as the eager ones."""
+    model, guide, init = ENUM_PROGRAMS[program]
+    eager_cls, jit_cls, kw = {
+        "rws": (RWS, JitRWS, {}),
+        "rws-insomnia": (RWS, JitRWS, {"insomnia": 0.5}),
+        "vimco": (VIMCO, JitVIMCO, {}),
+        "ws": (WakeSleepELBO, JitWakeSleepELBO, {}),
     }[pair]
-    x = torch.tensor([0.3, -1.2, 0.8, 2.0, -0.1])
+    x = torch.tensor([0.3, -1.2, 0.8, 2.0, -0.1], dtype=F64 if program != "child" else None)
     results = []
     for cls in (eager_cls, jit_cls):
         pyro.clear_param_store()
-        loss = cls(3)
+        init()
+        loss = cls(3, **kw)
         for seed in range(2):
             for p in pyro.get_param_store().values():
                 p.unconstrained().grad = None
@@ -579,3 +596,34 @@ def test_enumerated_model_same_as_eager(pair):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for n in results[0][1]:
         torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("validation", [True, False], ids=["validation", "no-validation"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: JitSleepPhaseLoss(2), lambda: JitRWS(2, insomnia=0.5), lambda: JitWakeSleepELBO(2)],
+    ids=["sleep", "rws-insomnia", "ws"],
+)
+def test_sleep_phase_shape_mismatch_names_the_site(make, validation):
+    """A guide site shaped differently from the model's on fantasies: the eager error (issue 18)."""
+    x = torch.tensor([0.3, -1.2, 0.8])
+
+    def model(x):
+        loc = pyro.param("m", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(data):
+        a = pyro.param("a", torch.tensor(0.2))
+        with pyro.plate("data", data.shape[-1]):
+            loc = a * data
+            if data is x:  # the wake phase; on fantasies an extra event dim
+                pyro.sample("z", dist.Normal(loc, 1.0))
+            else:
+                loc = loc.unsqueeze(-1).expand(loc.shape + (2,))
+                pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    pyro.enable_validation(validation)
+    with pytest.raises(ValueError, match=r"guide site 'z' cannot score the model's fantasy"):
+        make().loss(model, guide, x)
