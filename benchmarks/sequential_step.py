@@ -25,8 +25,14 @@ The hand-written loops (``hand``) are the leanest per-particle code: the simulat
 the same proposal network called exactly as the guide calls it, one ``torch.optim.Adam``, and
 the loss value read as a float once per step (as ``SVI.step`` returns it). ``hand-dist`` is the
 same loop written with ``torch.distributions`` objects (``Categorical``, ``Normal``), as the Pyro
-programs are. Neither batches the networks across particles: that is the vectorized path's job,
-and impossible for a program whose structure differs between particles.
+programs are. ``floor`` runs the Pyro programs themselves (simulator and ``Proposal.guide``, which
+calls ``pyro.module``) under one bare recording handler per run with no checks, no fantasy
+routing and no per-site bookkeeping: a floor for any library that runs the programs per
+particle, so the distance from ``floor`` to ``hand`` is the cost of the programs being Pyro
+programs (``pyro.module``, ``pyro.sample`` messages, distribution objects), and the distance from
+a pyro_rws contender to ``floor`` is what pyro_rws adds. None batches the networks across
+particles: that is the vectorized path's job, and impossible for a program whose structure
+differs between particles.
 
 Timing: the contenders of a group run interleaved in ``--rounds`` rounds (order reversed every
 other round), each a block of steps sized to take about ``--block-seconds``; the table gives the
@@ -50,6 +56,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from _common import machine
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from pyro_rws import RWS, SleepPhaseLoss
@@ -73,6 +80,7 @@ LABELS = {
     "wake-module": "pyro_rws RWS(10, insomnia=1, vectorize_particles=False) as a torch module",
     "wake-module-lean": "the same, the guide without pyro.module (Proposal(register=False))",
     "pyro-rws": "pyro.infer.ReweightedWakeSleep(10, insomnia=1, vectorize_particles=False), SVI",
+    "floor": "the Pyro programs under one bare recording handler per run, no checks (a floor)",
     "hand-dist": "hand-written loop with torch.distributions objects, torch.optim.Adam",
     "hand": "hand-written loop, plain tensor ops (log_softmax at the index), torch.optim.Adam",
 }
@@ -192,6 +200,68 @@ def hand_wake_loss_dist(proposal: Proposal, K: int, signal: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------------------
+# The floor: what any library that runs the Pyro programs once per particle must do
+# --------------------------------------------------------------------------------------------
+class _Record(Messenger):
+    """One bare handler per run: unconditions or replays ``values``, records sample sites."""
+
+    def __init__(self, values: dict | None = None, uncondition: bool = False):
+        super().__init__()
+        self.values, self.uncondition, self.sites = values, uncondition, {}
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if self.uncondition and msg["is_observed"]:
+            msg["is_observed"], msg["value"] = False, None
+        elif self.values is not None and not msg["is_observed"]:
+            msg["value"], msg["done"] = self.values[msg["name"]], True
+
+    def _postprocess_message(self, msg):
+        if msg["type"] == "sample":
+            self.sites[msg["name"]] = msg
+
+
+def _log_prob(sites: dict, latent_only: bool = False):
+    terms = [
+        s["fn"].log_prob(s["value"])
+        for s in sites.values()
+        if not (latent_only and s["is_observed"])
+    ]
+    return sum(terms[1:], terms[0]) if terms else 0.0
+
+
+def floor_sleep_loss(guide, S: int, x: torch.Tensor) -> torch.Tensor:
+    """The sleep-phi loss with the Pyro programs, one bare handler per run, nothing checked."""
+    total = 0.0
+    for _ in range(S):
+        with torch.no_grad(), _Record(uncondition=True) as model_run:
+            simulator(x)
+        values = {name: site["value"] for name, site in model_run.sites.items()}
+        with _Record(values) as guide_run:
+            guide(values["signal"])
+        total = total + _log_prob(guide_run.sites)
+    return -total / S
+
+
+def floor_wake_loss(guide, K: int, signal: torch.Tensor):
+    """Wake-phi RWS with the Pyro programs, one bare handler per run, nothing checked."""
+    log_qs, log_ps = [], []
+    for _ in range(K):
+        with _Record() as guide_run:
+            guide(signal)
+        values = {name: site["value"] for name, site in guide_run.sites.items()}
+        with torch.no_grad(), _Record(values) as model_run:
+            simulator(signal)
+        log_qs.append(_log_prob(guide_run.sites))
+        log_ps.append(_log_prob(model_run.sites))
+    log_q = torch.stack(log_qs)
+    log_w = torch.stack(log_ps) - log_q.detach()
+    bound = torch.logsumexp(log_w, 0) - math.log(K)
+    return -(torch.softmax(log_w, 0) * log_q).sum(), bound
+
+
+# --------------------------------------------------------------------------------------------
 # Contenders
 # --------------------------------------------------------------------------------------------
 def make_steps(group: str, proposal: Proposal, S: int, K: int, lr: float = 1e-3):
@@ -232,6 +302,7 @@ def make_steps(group: str, proposal: Proposal, S: int, K: int, lr: float = 1e-3)
                 SleepPhaseLoss(S, vectorize_particles=False)(simulator, lean.guide)
             ),
             "csis": csis.step,
+            "floor": torch_step(lambda x: floor_sleep_loss(proposal.guide, S, x)),
             "hand-dist": torch_step(lambda x: hand_sleep_loss_dist(proposal, S, x)),
             "hand": torch_step(lambda x: hand_sleep_loss(proposal, S, x)),
         }
@@ -246,6 +317,7 @@ def make_steps(group: str, proposal: Proposal, S: int, K: int, lr: float = 1e-3)
             RWS(K, insomnia=1.0, vectorize_particles=False)(simulator, lean.guide)
         ),
         "pyro-rws": svi_step(theirs),
+        "floor": torch_step(lambda x: floor_wake_loss(proposal.guide, K, x)),
         "hand-dist": torch_step(lambda x: hand_wake_loss_dist(proposal, K, x)),
         "hand": torch_step(lambda x: hand_wake_loss(proposal, K, x)),
     }
