@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_factor
 
 from ._structure import is_deterministic, is_sample, plate_frames
 
@@ -57,8 +58,6 @@ def check_fantasy_args(fantasy_args: FantasyArgs) -> None:
 
 def is_fantasy(site: dict) -> bool:
     """An observed site of the model that the sleep phase sampled instead."""
-    from pyro.poutine.util import site_is_factor
-
     return (
         is_sample(site)
         and bool(site["infer"].get("was_observed"))

@@ -31,8 +31,8 @@ from pyro.poutine.util import site_is_factor, site_is_subsample
 from pyro.util import get_rng_state, set_rng_state, warn_if_nan
 
 from ._fantasy import FantasyArgs, accepts_observations, guide_inputs
-from ._structure import ReplayChecks, check_model_guide_match, is_latent
-from ._traces import SampleTrace, in_particle_plate, replaying, subsample_sites
+from ._structure import check_model_guide_match, is_latent
+from ._traces import SampleTrace, in_particle_plate, subsample_sites
 from ._weights import recording, site_log_prob
 
 
@@ -88,22 +88,23 @@ class _NotBroadcasting(Exception):
 
 
 def _run(model, guide, args, kwargs, *, num_particles, vectorize, plate_nesting, route, minibatch):
-    model = Uncondition()(model)
     if vectorize:
         model = in_particle_plate(model, num_particles, plate_nesting)
         guide = in_particle_plate(guide, num_particles, plate_nesting)
     squeeze = not vectorize or num_particles == 1
-    guide = ReplayChecks("guide")(guide)
     runs = []
     for _ in range(1 if vectorize else num_particles):
+        # one handler per run: poutine.uncondition and the minibatch's replay folded into the
+        # trace (for the guide: the replay of the fantasies, and its enumeration flags checked)
         with torch.no_grad():
-            model_trace = SampleTrace()(replaying(model, minibatch)).get_trace(*args, **kwargs)
+            model_trace = SampleTrace(uncondition=True, replay=minibatch)(model).get_trace(
+                *args, **kwargs
+            )
         _check_sleep_model(model_trace)
         try:
             guide_args, guide_kwargs = route(model_trace, args, kwargs, squeeze)
-            guide_trace = SampleTrace()(poutine.replay(guide, trace=model_trace)).get_trace(
-                *guide_args, **guide_kwargs
-            )
+            guide_run = SampleTrace(replayed="guide", replay=model_trace, check_guide=True)
+            guide_trace = guide_run(guide).get_trace(*guide_args, **guide_kwargs)
             check_model_guide_match(model_trace, guide_trace, "sleep", plate_nesting)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if vectorize and num_particles > 1:

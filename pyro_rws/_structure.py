@@ -20,6 +20,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ._enum import enumerated_site_error
 
@@ -156,34 +157,6 @@ def is_enumerated_site(site: dict) -> bool:
     return site["infer"].get("_enumerate_dim") is not None or bool(site["infer"].get("enumerate"))
 
 
-class ReplayChecks(poutine.messenger.Messenger):
-    """
-    Raise at guide sites marked for enumeration, and at plates whose subsample size differs
-    from the replayed minibatch's. Wraps a program *inside* ``poutine.replay``,
-    which replaces a replayed site's ``infer`` dict by the other program's, so that a trace
-    check afterwards would not see the flag.
-    """
-
-    def __init__(self, role: str):
-        super().__init__()
-        self.role = role
-
-    # every message of a step passes here: _process_message/_postprocess_message directly,
-    # rather than Messenger's lookup of a _pyro_<type> method per message
-    def _process_message(self, msg) -> None:
-        if (
-            self.role == "guide"
-            and msg["type"] == "sample"
-            and not msg["is_observed"]
-            and not site_is_subsample(msg)
-        ):
-            check_guide_enumeration(msg["name"], msg["infer"] or {})
-
-    def _postprocess_message(self, msg) -> None:
-        if msg["type"] == "sample":
-            check_replayed_plate(msg, self.role)
-
-
 def check_replayed_plate(msg, role: str) -> None:
     """
     At a plate's index draw replayed from the other program (``msg`` after processing): raise
@@ -242,7 +215,16 @@ def check_model_guide_match(
     - with validation on, model and guide agree on each shared site's event dim and shape.
     """
     where = _REMEDY.get(phase, "")
-    if model_latents is None:  # enumerated model sites are summed out (wake) or sampled (sleep)
+    key = None
+    if model_latents is None:
+        key = _structure_key(model_trace, guide_trace, phase, plate_nesting)
+        checked = _CHECKED.get(key) if key is not None else None
+        if checked is not None:  # this structure passed before: only the shapes remain
+            if is_validation_enabled():
+                for name in checked:
+                    _check_shapes(name, model_trace.nodes[name], guide_trace.nodes[name], where)
+            return
+        # enumerated model sites are summed out (wake) or sampled (sleep)
         model_latents = {
             n
             for n, s in model_trace.nodes.items()
@@ -314,6 +296,56 @@ def check_model_guide_match(
     if is_validation_enabled():
         for name in shared:
             _check_shapes(name, model_trace.nodes[name], guide_trace.nodes[name], where)
+    if key is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = tuple(model_latents)
+
+
+#: Structures (:func:`_structure_key`) that passed :func:`check_model_guide_match`, with their
+#: model latents: with sequential particles most runs repeat a structure already checked.
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
+def _site_key(name: str, site: dict) -> tuple:
+    """Everything about a sample site that :func:`check_model_guide_match` reads but shapes."""
+    stack = site["cond_indep_stack"]
+    key = (
+        name,
+        site["is_observed"],
+        tuple([(f.name, f.dim, f.size, f.full_size) for f in stack]) if stack else (),
+    )
+    infer = site["infer"]
+    if infer:
+        key += (
+            infer.get("was_observed"),
+            infer.get("_enumerate_dim") is not None,
+            infer.get("enumerate"),
+            infer.get("num_samples"),
+            infer.get("_markov_scope") is not None,
+            infer.get("is_auxiliary"),
+            infer.get("_deterministic"),
+        )
+    if type(site["fn"]).__name__ == "_Subsample":  # site_is_subsample
+        key += ("subsample", len(site["value"]), site["fn"].size)
+    return key
+
+
+def _structure_key(model_trace: Trace, guide_trace: Trace, phase: str, plate_nesting) -> tuple:
+    """
+    A key for the structure of a pair of traces: sites, observed or not, plates (name, dim, size,
+    full size), minibatch sizes and the infer flags the check reads. None while a compiled loss
+    records its step or under ``torch.jit.trace`` (plate sizes may be symbolic there).
+    """
+    if torch.jit.is_tracing() or get_proxy_mode() is not None:
+        return None
+    return (
+        phase,
+        plate_nesting,
+        tuple(_site_key(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample"),
+        tuple(_site_key(n, s) for n, s in guide_trace.nodes.items() if s["type"] == "sample"),
+    )
 
 
 def _subsample_frames(trace: Trace) -> dict:

@@ -21,6 +21,7 @@ from pyro.poutine.util import site_is_subsample
 from ._enum import enumerate_model
 from ._structure import (
     PARTICLE_PLATE,
+    check_guide_enumeration,
     check_model_guide_match,
     check_replayed_plate,
     plate_frames,
@@ -46,16 +47,12 @@ def subsample_sites(trace: Trace) -> Trace | None:
     return result if result.nodes else None
 
 
-def replaying(fn: Callable, trace: Trace | None) -> Callable:
-    """``fn`` replaying the sites of ``trace`` (``fn`` itself if there is none)."""
-    return fn if trace is None else poutine.replay(fn, trace=trace)
-
-
 def replay_model(model: Callable, guide_trace: Trace, plate_nesting: int, vectorize: bool):
     """
     ``model`` replayed on the guide's sample values, its other sites marked for parallel
     enumeration enumerated left of the plates and of the particle plate (see
-    :mod:`pyro_rws._enum`): the model of every wake-phase run.
+    :mod:`pyro_rws._enum`), as :func:`wake_traces` runs it (there the replay is folded into
+    :class:`SampleTrace`); the DReG replay uses this one.
     """
     enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
     return poutine.replay(enumerated, trace=guide_trace)
@@ -81,12 +78,56 @@ class SampleTrace(TraceMessenger):
     do not differentiate through earlier reparameterized samples. With ``replayed`` (the role of
     a program replaying the other's minibatch) its plates are checked against the replayed
     indices (:func:`~pyro_rws._structure.check_replayed_plate`).
+
+    The handlers every run needs around the program are folded into this one messenger, so that
+    each message of a run passes one handler (a run per particle, with sequential particles):
+    with ``uncondition`` it is :class:`~pyro_rws._sleep.Uncondition` (observed sites sampled,
+    except ``pyro.deterministic`` and subsample sites), then with ``replay`` it is
+    ``poutine.replay(trace=replay)``, in that order, as if those handlers were nested inside the
+    trace; with ``check_guide`` guide sites marked for enumeration raise first (before a replay
+    replaces their ``infer`` dict by the model's).
     """
 
-    def __init__(self, detach: bool = False, replayed: str | None = None):
+    def __init__(
+        self,
+        detach: bool = False,
+        replayed: str | None = None,
+        *,
+        replay: Trace | None = None,
+        uncondition: bool = False,
+        check_guide: bool = False,
+    ):
         super().__init__()
         self.detach = detach
         self.replayed = replayed
+        self.replay_nodes = None if replay is None else replay.nodes
+        self.uncondition = uncondition
+        self.check_guide = check_guide
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample":
+            return
+        if self.check_guide and not msg["is_observed"] and not site_is_subsample(msg):
+            check_guide_enumeration(msg["name"], msg["infer"] or {})
+        if (
+            self.uncondition
+            and msg["is_observed"]
+            and not (msg["infer"] or {}).get("_deterministic")
+            and not site_is_subsample(msg)
+        ):  # poutine.uncondition
+            msg["is_observed"] = False
+            msg["infer"]["was_observed"] = True
+            msg["infer"]["obs"] = msg["value"]
+            msg["value"] = None
+            msg["done"] = False
+        if self.replay_nodes is not None and not msg["is_observed"]:  # poutine.replay
+            site = self.replay_nodes.get(msg["name"])
+            if site is not None:
+                if site["type"] != "sample" or site["is_observed"]:
+                    raise RuntimeError(f"site {msg['name']} must be sampled in trace")
+                msg["done"] = True
+                msg["value"] = site["value"]
+                msg["infer"] = site["infer"]
 
     def _postprocess_message(self, msg) -> None:
         if msg["type"] != "sample":
@@ -137,11 +178,11 @@ def wake_traces(
     runs = []
     for _ in range(1 if vectorize else num_particles):
         try:
-            guide_trace = SampleTrace(detach)(replaying(guide, minibatch)).get_trace(
+            guide_trace = SampleTrace(detach, replay=minibatch)(guide).get_trace(*args, **kwargs)
+            enumerated = enumerate_model(model, guide_trace, plate_nesting, vectorize)
+            model_trace = SampleTrace(replayed="model", replay=guide_trace)(enumerated).get_trace(
                 *args, **kwargs
             )
-            replayed = replay_model(model, guide_trace, plate_nesting, vectorize)
-            model_trace = SampleTrace(replayed="model")(replayed).get_trace(*args, **kwargs)
         except (RuntimeError, ValueError, IndexError, TypeError) as e:
             if vectorize and num_particles > 1:
                 e.add_note(VECTORIZED_NOTE)

@@ -32,7 +32,7 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from ._density import log_density
 from ._enum import enumerated_log_p, is_enumerated
-from ._structure import PARTICLE_PLATE, is_deterministic, is_latent, is_sample, plate_frames
+from ._structure import PARTICLE_PLATE, is_deterministic, is_latent, is_sample
 
 
 @dataclass
@@ -89,10 +89,14 @@ def _batch_plates(runs, per_datapoint: bool, remedy: str) -> tuple[dict, float]:
     """
     if not per_datapoint:
         return {}, 1.0
-    site_frames = [
-        (site["name"], {f.name: f for f in plate_frames(site)}) for site, _ in _sites(runs)
-    ]
-    common = set.intersection(*(set(fr) for _, fr in site_frames)) if site_frames else set()
+    site_frames, common = [], None
+    for site, _ in _sites(runs):
+        # (most sites of a program run per particle lie in no plate: no frames to collect)
+        stack = site["cond_indep_stack"]
+        fr = {f.name: f for f in stack if f.name != PARTICLE_PLATE} if stack else {}
+        site_frames.append((site["name"], fr))
+        common = set(fr) if common is None else common.intersection(fr) if common else common
+    common = common or set()
     frames = {}
     for _, fr in site_frames:
         for name, f in fr.items():
@@ -173,6 +177,8 @@ def log_weights(
     check_shapes = is_validation_enabled()
 
     def key_of(site):  # the counters of the site's sequential batch plates
+        if not seq:
+            return ()
         return tuple(
             next(f.counter for f in site["cond_indep_stack"] if f.name == name) for name in seq
         )

@@ -17,6 +17,14 @@ from pyro_rws._density import log_density
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def no_validation():
+    """Distributions without argument validation, as in training (the fast paths need it)."""
+    pyro.enable_validation(False)
+    yield
+    pyro.enable_validation(True)
+
+
 class OwnBernoulli(dist.Bernoulli):
     """A subclass with its own log_prob: never takes the fast path."""
 
@@ -67,6 +75,41 @@ def test_same_as_log_prob(case, dtype):
     assert actual.dtype == expected.dtype
     assert torch.equal(actual, expected)
     assert torch.equal(actual_grad, expected_grad)
+
+
+def _categorical_cases(logits, value):
+    return {
+        "logits": (dist.Categorical(logits=logits), value),
+        "probs": (dist.Categorical(probs=torch.softmax(logits, -1)), value),
+        "torch": (torch.distributions.Categorical(logits=logits), value),
+        "broadcast value": (dist.Categorical(logits=logits), value[0]),
+        "scalar": (dist.Categorical(logits=logits[0, 0]), value[0, 0]),
+        "expanded": (dist.Categorical(logits=logits[0, 0]).expand([3, 5]), value),
+        "to_event": (dist.Categorical(logits=logits).to_event(1), value),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("case", list(_categorical_cases(torch.zeros(3, 5, 4), torch.zeros(3, 5))))
+def test_categorical_same_as_log_prob(case, dtype):
+    pyro.set_rng_seed(0)
+    logits = torch.randn(3, 5, 4, dtype=dtype, requires_grad=True)
+    draws = torch.randint(4, (3, 5))
+    fn, value = _categorical_cases(logits, draws)[case]
+    expected = fn.log_prob(value)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    fn, value = _categorical_cases(logits, draws)[case]
+    actual = log_density(_site(fn, value))
+    (actual_grad,) = torch.autograd.grad(actual.sum(), logits)
+    assert actual.shape == expected.shape
+    assert torch.equal(actual, expected)
+    assert torch.equal(actual_grad, expected_grad)
+
+
+def test_categorical_validation_reports_values_outside_the_support():
+    fn = dist.Categorical(logits=torch.zeros(4), validate_args=True)
+    with pytest.raises(ValueError, match="support"):
+        log_density(_site(fn, torch.tensor(7)))
 
 
 def test_validation_reports_values_outside_the_support():
