@@ -90,7 +90,9 @@ class MemoisedWakeSleep(WakeSleepLoss):
     The guide's sites with enumerable support (``dist.Bernoulli``, ``dist.Categorical``, ...)
     are the discrete latents held in memory; its other sites are importance-sampled given them,
     ``num_continuous_particles`` per memory element. The guide must sample the discrete sites
-    before the continuous ones that depend on them.
+    before the continuous ones that depend on them. Particles always run vectorized (there is
+    no ``vectorize_particles=False``): model and guide must broadcast over a particle dimension
+    left of their plates.
 
     **The memory** is kept per datapoint of the plate named ``data_plate`` (default ``"data"``),
     indexed by its subsample indices: ``pyro.plate("data", N, subsample=idx)`` (or

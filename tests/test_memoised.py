@@ -211,6 +211,30 @@ def test_subsampled_plate_indexes_the_memory():
     assert torch.equal(values["z"][[0, 2]], top[[0, 2]])
 
 
+def test_random_subsample_size_is_shared_by_every_run():
+    x = data()
+
+    def model_b(x):
+        theta = pyro.param("theta", lambda: torch.linspace(-0.5, 0.5, S))
+        with pyro.plate("data", len(X), subsample_size=2) as i:
+            z = pyro.sample("z", dist.Categorical(logits=theta))
+            pyro.sample("x", dist.Normal(z.to(x.dtype), SIGMA), obs=x[i])
+
+    def guide_b(x):
+        with pyro.plate("data", len(X), subsample_size=2):
+            pyro.sample("z", dist.Categorical(logits=torch.zeros(S)))
+
+    loss = MemoisedWakeSleep(memory_size=2, num_particles=4)
+    with torch.no_grad():
+        for _ in range(60):
+            loss.loss(model_b, guide_b, x)
+    values, valid, scores = loss.memory()
+    table = log_joint_table(x, pyro.param("theta")).detach()
+    assert valid.all()
+    assert torch.equal(values["z"], table.topk(2, 1).indices)
+    assert torch.allclose(scores, table.topk(2, 1).values, rtol=1e-12)
+
+
 def test_state_dict_round_trip():
     x = data()
     loss = MemoisedWakeSleep(memory_size=3, num_particles=2)

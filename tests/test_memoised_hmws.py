@@ -1,17 +1,19 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-:class:`pyro_rws.MemoisedWakeSleep` against the authors' code (github.com/tuananhle7/hmws),
+Hybrid memoised wake-sleep step by step, on recorded particles: against the math of
+pyro_rws/memoised.py (fast), and against the authors' code (github.com/tuananhle7/hmws),
 ``cmws.losses.get_cmws_5_loss`` (the HMWS variant its time-series experiments run), on identical
-particles and memory, gradient for gradient. Needs a checkout of hmws: set ``HMWS_PATH`` to its
-root (nothing of it is in this repository); skipped otherwise, and marked slow.
+particles and memory, gradient for gradient. The latter needs a checkout of hmws: set
+``HMWS_PATH`` to its root (nothing of it is in this repository); it is skipped otherwise, and
+marked slow.
 
 The model: ``d ~ Categorical(theta)``, ``c ~ Normal(mu[d], 1)``, ``x ~ Normal(c, 0.5)`` per
 datapoint; the guide ``q(d | x) q(c | d, x)`` with separate discrete and continuous parameters.
 Our guide records its draws; the hmws guide replays them in hmws's layout.
 
-Agreement: the memory after the update, the model's gradient and the continuous guide's
-gradient are equal. The discrete guide's gradient differs on purpose: hmws weights
+Agreement with hmws: the memory after the update, the model's gradient and the continuous
+guide's gradient are equal. The discrete guide's gradient differs on purpose: hmws weights
 ``log q(d_m | x)`` by ``logsumexp_j v_mj`` of the normalized weights, we by ``sum_j v_mj``
 (the memory element's share of the normalized weight, the HMWS paper's omega); the test checks
 that hmws's discrete gradient is ours with that weight swapped, and that the two coincide for
@@ -20,6 +22,7 @@ one continuous particle (J = 1).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import types
@@ -31,7 +34,7 @@ import torch
 
 from pyro_rws import MemoisedWakeSleep
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("float64")]
+pytestmark = pytest.mark.usefixtures("float64")
 
 S, N, L, K = 4, 5, 2, 3
 X = (-1.9, -0.4, 0.3, 1.1, 2.2)
@@ -133,9 +136,8 @@ def hmws_memory(cmws, values):
     return memory
 
 
-@pytest.mark.parametrize("J", [1, 4])
-def test_same_estimators_as_hmws_get_cmws_5_loss(J):
-    cmws = import_hmws()
+def one_step(J):
+    """Warm up the memory, then one step whose particles are recorded."""
     x = torch.tensor(X)
     record = []
     guide = make_guide(record)
@@ -146,18 +148,62 @@ def test_same_estimators_as_hmws_get_cmws_5_loss(J):
     before, valid, _ = loss.memory()
     assert valid.all()
     before = before["d"].clone()
-
     record.clear()
     surrogate = loss.differentiable_loss(model, guide, x)
     p = params()
-    names = THETA_PARAMS + DISCRETE_GUIDE + CONTINUOUS_GUIDE
-    ours = dict(zip(names, torch.autograd.grad(surrogate, [p[n] for n in names]), strict=True))
+    ours = dict(zip(NAMES, torch.autograd.grad(surrogate, [p[n] for n in NAMES]), strict=True))
     after = loss.memory()[0]["d"]
-
     proposals = record[0][0]  # (K, N)
     d_scored, c_scored = record[1]  # (C * J, N), candidate-major
+    assert torch.equal(d_scored.view(L + K, J, N)[:, 0], torch.cat([before.T, proposals]))
+    return x, p, surrogate, ours, before, after, proposals, c_scored
+
+
+NAMES = THETA_PARAMS + DISCRETE_GUIDE + CONTINUOUS_GUIDE
+
+
+@pytest.mark.parametrize("J", [1, 3])
+def test_hybrid_step_is_the_stated_estimator(J):
+    """Fast, no hmws: the memory update and every gradient against pyro_rws/memoised.py's math."""
+    x, p, surrogate, ours, before, after, proposals, c_scored = one_step(J)
     C = L + K
-    assert torch.equal(d_scored.view(C, J, N)[:, 0], torch.cat([before.T, proposals]))
+    candidates = torch.cat([before.T, proposals])  # (C, N)
+    c = c_scored.view(C, J, N)
+    with torch.no_grad():
+        log_w = HmwsModel().log_prob_discrete_continuous(candidates[:, None], c, x) - HmwsGuide(
+            None, None
+        ).log_prob_continuous(x, candidates[:, None], c)
+        scores = torch.logsumexp(log_w, 1) - math.log(J)  # (C, N)
+    for n in range(N):  # top-L distinct, the first copy's score counting
+        first = {}
+        for i in range(C):
+            first.setdefault(int(candidates[i, n]), float(scores[i, n]))
+        best = sorted(first, key=first.get, reverse=True)[:L]
+        assert after[n].tolist() == best
+    c_sel = _gathered(c_scored, after, before, proposals, J)  # (J, L, N)
+    log_p = HmwsModel().log_prob_discrete_continuous(after.T[None], c_sel, x)
+    log_q_c = HmwsGuide(None, None).log_prob_continuous(x, after.T[None], c_sel)
+    log_q_d = HmwsGuide(None, None).log_prob_discrete(x, after.T)
+    log_w = (log_p - log_q_c).detach()
+    v = torch.softmax(log_w.reshape(J * L, N), 0).view(J, L, N)
+    u = torch.softmax(log_w, 0)  # per memory element, over its J particles
+    value = -(torch.logsumexp(log_w.reshape(J * L, N), 0) - math.log(J)).sum()
+    assert surrogate.item() == pytest.approx(value.item(), rel=1e-12)
+    expected = (
+        -(v * log_p).sum() - (v.sum(0) * log_q_d).sum() - ((u * log_q_c).sum(0).mean(0)).sum()
+    )
+    grads = torch.autograd.grad(expected, [p[n] for n in NAMES])
+    for n, g in zip(NAMES, grads, strict=True):
+        assert torch.allclose(ours[n], g, rtol=1e-10, atol=1e-12), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("J", [1, 4])
+def test_same_estimators_as_hmws_get_cmws_5_loss(J):
+    cmws = import_hmws()
+    x, p, _, ours, before, after, proposals, c_scored = one_step(J)
+    names = NAMES
+    C = L + K
     continuous = c_scored.view(C, J, N).transpose(0, 1)  # hmws: (J, C, N)
 
     memory = hmws_memory(cmws, before)
