@@ -1,26 +1,32 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Memoised wake-sleep on a model with a sharply peaked discrete posterior: the GP kernel-structure
-model of ``pyro_rws.examples.kernels`` (292 kernel expressions, three continuous hyperparameters
-per series, T=20 points). Learns the model from simulated series and reports the held-out
-log p_theta(x) of the learned model (exact sum over structures, hyperparameters importance-sampled
-from their learned prior: guide-free, so every method is scored alike), next to the true model's.
+Memoised wake-sleep where it is meant to help: models whose posterior over discrete structure is
+sharply peaked. Learns a model from simulated data and reports the held-out log p_theta(x) of the
+learned model (guide-free, so every method is scored alike), next to the true model's.
 
-Methods at equal compute (50 model evaluations per datapoint and step):
+``--model programs`` (default): ``pyro_rws.examples.arithmetic``, programs
+``(a o1 i) o2 b`` on inputs i = 1..4 (900 programs), discrete only: MWS. Held-out log p(x) exact
+(sum over all programs). Equal compute: 20 model evaluations per datapoint and step:
 
-* ``hmws``: ``pyro_rws.MemoisedWakeSleep(memory_size=5, num_particles=5,
-  num_continuous_particles=5)`` (HMWS: (5 + 5) candidates x 5 continuous particles);
-* ``rws``: ``pyro_rws.RWS(num_particles=50)``; ``vimco``: ``pyro_rws.VIMCO(num_particles=50)``;
-* with ``--hmws-path`` (a checkout of github.com/tuananhle7/hmws): the authors' own losses on the
-  same model, data, initial parameters and minibatches: ``hmws-code`` (``get_cmws_5_loss``,
-  memory 5, 5 proposals, 5 particles; its memory initialized from the prior as in hmws) and
-  ``rws-code`` (``get_rws_loss``, 50 particles).
+* ``mws``: ``MemoisedWakeSleep(memory_size=10, num_particles=10)`` (10 memory + 10 proposals);
+* ``rws``: ``RWS(num_particles=20)``; ``vimco``: ``VIMCO(num_particles=20)``;
+* with ``--hmws-path`` (a checkout of github.com/tuananhle7/hmws), the authors' losses on the
+  same model, data, initial parameters and minibatches: ``mws-code`` (``get_cmws_5_loss`` with
+  memory 10, 10 proposals, one particle of a dummy continuous latent whose model and guide
+  densities are equal, so that it is MWS; its memory initialized from the prior as in hmws) and
+  ``rws-code`` (``get_rws_loss``, 20 particles).
+
+``--model kernels``: ``pyro_rws.examples.kernels``, 292 GP kernel expressions and three
+continuous hyperparameters per series: HMWS. Held-out log p(x): exact sum over structures,
+hyperparameters importance-sampled from their learned prior. 50 model evaluations per datapoint
+and step: ``hmws`` = ``MemoisedWakeSleep(5, 5, num_continuous_particles=5)``, ``rws`` / ``vimco``
+with 50 particles, ``hmws-code`` (``get_cmws_5_loss``, 5/5/5), ``rws-code`` (50 particles).
 
 All use insomnia 1 (no sleep phase), Adam (lr 1e-2) over model and guide, one torch thread.
 
-    python benchmarks/memoised.py --hmws-path /tmp/hmws   # writes benchmarks/results/memoised.*
-    python benchmarks/memoised.py --steps 50 --seeds 0 --methods hmws,rws   # a quick look
+    python benchmarks/memoised.py --hmws-path /tmp/hmws   # results/memoised_programs.*
+    python benchmarks/memoised.py --model kernels --hmws-path /tmp/hmws   # memoised_kernels.*
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 from _common import machine
 
 from pyro_rws import RWS, VIMCO, MemoisedWakeSleep
+from pyro_rws.examples import arithmetic as A
 from pyro_rws.examples import kernels as K
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,30 +102,85 @@ class HmwsGuide:
         return self.log_prob_discrete(x, latent[0]) + self.log_prob_continuous(x, *latent)
 
 
-def make_step(method, guide, num_data, cmws):
-    if method in ("hmws", "rws", "vimco"):
+class ProgramsHmwsModel:
+    """hmws's generative-model interface for the programs model, with a dummy continuous latent
+    ``c ~ N(0, 1)`` (hmws's losses need one) that the guide also draws from N(0, 1)."""
+
+    def discrete_latent_sample(self, shape):
+        logits = A.prior_logits()
+        return torch.stack(
+            [torch.distributions.Categorical(logits=logits[s]).sample(shape) for s in A.SITES], -1
+        )
+
+    def log_prob_discrete_continuous(self, d, c, x):
+        return A.log_joint(d, x, A.prior_logits()) + torch.distributions.Normal(0.0, 1.0).log_prob(
+            c
+        )
+
+    def log_prob(self, latent, x):
+        return self.log_prob_discrete_continuous(latent[0], latent[1], x)
+
+
+class ProgramsHmwsGuide:
+    def __init__(self, guide):
+        self.guide = guide
+
+    def sample_discrete(self, x, shape=()):
+        return self.guide.sample(x, shape)
+
+    def sample_continuous(self, x, d, shape=()):
+        return torch.randn(tuple(shape) + d.shape[:-1], dtype=x.dtype)
+
+    def log_prob_discrete(self, x, d):
+        return self.guide.log_prob(x, d)
+
+    def log_prob_continuous(self, x, d, c):
+        return torch.distributions.Normal(0.0, 1.0).log_prob(c)
+
+    def sample(self, x, shape=()):
+        d = self.sample_discrete(x, shape)
+        return [d, self.sample_continuous(x, d)]
+
+    def log_prob(self, x, latent):
+        return self.log_prob_discrete(x, latent[0]) + self.log_prob_continuous(x, *latent)
+
+
+SETTINGS = {
+    # model: (module, memory L, proposals K, continuous particles J, RWS/VIMCO particles)
+    "programs": (A, 10, 10, 1, 20),
+    "kernels": (K, 5, 5, 5, 50),
+}
+
+
+def make_step(method, guide, num_data, cmws, setting):
+    module, L, Kp, J, P = setting
+    if not method.endswith("-code"):
         loss = {
-            "hmws": lambda: MemoisedWakeSleep(5, 5, num_continuous_particles=5),
-            "rws": lambda: RWS(num_particles=50),
-            "vimco": lambda: VIMCO(num_particles=50),
+            "mws": lambda: MemoisedWakeSleep(L, Kp),
+            "hmws": lambda: MemoisedWakeSleep(L, Kp, num_continuous_particles=J),
+            "rws": lambda: RWS(num_particles=P),
+            "vimco": lambda: VIMCO(num_particles=P),
         }[method]()
 
         def step(x, idx):
-            return loss.differentiable_loss(K.model, guide, x, idx, num_data)
+            return loss.differentiable_loss(module.model, guide, x, idx, num_data)
 
         return step
-    hmws_model, hmws_guide = HmwsModel(), HmwsGuide(guide)
-    if method == "hmws-code":
+    if module is A:
+        hmws_model, hmws_guide = ProgramsHmwsModel(), ProgramsHmwsGuide(guide)
+    else:
+        hmws_model, hmws_guide = HmwsModel(), HmwsGuide(guide)
+    if method in ("mws-code", "hmws-code"):
         cmws.util.logging.disable()
-        memory = cmws.memory.Memory(num_data, 5, hmws_model)
+        memory = cmws.memory.Memory(num_data, L, hmws_model)
 
         def step(x, idx):
-            return cmws.losses.get_cmws_5_loss(hmws_model, hmws_guide, memory, x, idx, 5, 5).mean()
+            return cmws.losses.get_cmws_5_loss(hmws_model, hmws_guide, memory, x, idx, J, Kp).mean()
 
         return step
 
     def step(x, idx):
-        return cmws.losses.get_rws_loss(hmws_model, hmws_guide, x, 50).mean()
+        return cmws.losses.get_rws_loss(hmws_model, hmws_guide, x, P).mean()
 
     return step
 
@@ -128,21 +190,20 @@ def run(method, seed, args, data, cmws):
     N = len(x_train)
     pyro.clear_param_store()
     torch.manual_seed(1000 + seed)
-    guide = K.Guide(x_train.shape[-1])
-    K.prior_params()
+    module = SETTINGS[args.model][0]
+    guide = module.Guide(x_train.shape[-1])
+    evaluate = make_evaluate(args)
+    evaluate()  # makes the model's parameters
     pyro.module("guide", guide)
     params = [v.unconstrained() for v in pyro.get_param_store().values()]
     optim = torch.optim.Adam(params, lr=args.lr)
-    step = make_step(method, guide, N, cmws)
+    step = make_step(method, guide, N, cmws, SETTINGS[args.model])
     batches = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     curve, seconds = [], 0.0
     for i in range(args.steps + 1):
         if i % args.eval_every == 0 or i == args.steps:
-            p = {k: v.detach() for k, v in K.prior_params().items()}
-            with torch.random.fork_rng():
-                torch.manual_seed(12345)
-                logp = K.log_marginal(x_test, p, args.eval_samples).mean().item()
+            logp = evaluate(x_test)
             curve.append((i, logp, seconds))
             print(
                 f"  {method:10s} seed {seed} step {i:5d} test log p {logp:8.3f} ({seconds:.0f} s)",
@@ -159,23 +220,55 @@ def run(method, seed, args, data, cmws):
     return {"curve": curve, "ms_per_step": 1000 * seconds / args.steps}
 
 
+def make_evaluate(args):
+    def evaluate(x=None, params=None):
+        with torch.random.fork_rng():
+            torch.manual_seed(12345)
+            if args.model == "programs":
+                p = A.prior_logits() if params is None else params
+                return None if x is None else A.log_marginal(x, p).mean().item()
+            p = K.prior_params() if params is None else params
+            if x is None:
+                return None
+            p = {k: v.detach() for k, v in p.items()}
+            return K.log_marginal(x, p, args.eval_samples).mean().item()
+
+    return evaluate
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default="hmws,rws,vimco,hmws-code,rws-code")
+    parser.add_argument("--model", default="programs", choices=sorted(SETTINGS))
+    parser.add_argument("--methods", default=None, help="default: all five")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--eval-every", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None, help="programs 800, kernels 600")
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=64)
-    parser.add_argument("--num-train", type=int, default=40)
-    parser.add_argument("--num-test", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--num-train", type=int, default=None, help="programs 100, kernels 40")
+    parser.add_argument("--num-test", type=int, default=None, help="programs 200, kernels 20")
+    parser.add_argument("--batch-size", type=int, default=None, help="programs 20, kernels 10")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--T", type=int, default=20)
+    parser.add_argument("--T", type=int, default=None, help="series length / inputs (20 / 4)")
     parser.add_argument("--hmws-path", default=os.environ.get("HMWS_PATH"))
-    parser.add_argument("--out", default=str(RESULTS / "memoised"))
+    parser.add_argument("--out", default=None, help="default: results/memoised_<model>")
     args = parser.parse_args()
+    programs = args.model == "programs"
+    defaults = {
+        "methods": "mws,rws,vimco,mws-code,rws-code"
+        if programs
+        else "hmws,rws,vimco,hmws-code,rws-code",
+        "steps": 800 if programs else 600,
+        "num_train": 100 if programs else 40,
+        "num_test": 200 if programs else 20,
+        "batch_size": 20 if programs else 10,
+        "T": 4 if programs else 20,
+        "out": str(RESULTS / f"memoised_{args.model}"),
+    }
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     torch.set_num_threads(1)
     methods = args.methods.split(",")
     cmws = None
@@ -185,12 +278,15 @@ def main():
             methods = [m for m in methods if not m.endswith("-code")]
         else:
             cmws = import_hmws(args.hmws_path)
-    truth = K.true_params(0)
-    x_train, _ = K.simulate(args.num_train, args.T, truth, seed=1)
-    x_test, _ = K.simulate(args.num_test, args.T, truth, seed=2)
-    with torch.random.fork_rng():
-        torch.manual_seed(12345)
-        true_logp = K.log_marginal(x_test, truth, args.eval_samples).mean().item()
+    if programs:
+        truth = A.true_logits()
+        x_train, _ = A.simulate(args.num_train, args.T, truth, seed=1)
+        x_test, _ = A.simulate(args.num_test, args.T, truth, seed=2)
+    else:
+        truth = K.true_params(0)
+        x_train, _ = K.simulate(args.num_train, args.T, truth, seed=1)
+        x_test, _ = K.simulate(args.num_test, args.T, truth, seed=2)
+    true_logp = make_evaluate(args)(x_test, truth)
     print(f"true model: test log p {true_logp:.3f}", flush=True)
     results = {}
     for seed in map(int, args.seeds.split(",")):
@@ -200,13 +296,23 @@ def main():
 
 
 def report(results, true_logp, args, methods):
+    if args.model == "programs":
+        what = (
+            f"Programs model (900 programs, {args.T} inputs), {args.num_train} training / "
+            f"{args.num_test} test datapoints, B={args.batch_size}, {args.steps} Adam steps "
+            f"(lr {args.lr}), 20 model evaluations per datapoint and step; held-out log p(x) "
+            f"per datapoint, exact"
+        )
+    else:
+        what = (
+            f"Kernel-structure model (292 structures, T={args.T}), {args.num_train} training / "
+            f"{args.num_test} test series, B={args.batch_size}, {args.steps} Adam steps "
+            f"(lr {args.lr}), 50 model evaluations per datapoint and step; held-out log p(x) per "
+            f"series (sum over structures, {args.eval_samples} prior draws of the "
+            f"hyperparameters)"
+        )
     lines = [
-        f"Kernel-structure model (292 structures, T={args.T}), {args.num_train} training / "
-        f"{args.num_test} test series, B={args.batch_size}, {args.steps} Adam steps "
-        f"(lr {args.lr}), "
-        f"50 model evaluations per datapoint and step; held-out log p(x) per series (sum over "
-        f"structures, {args.eval_samples} prior draws of the hyperparameters); true model: "
-        f"{true_logp:.3f}. {machine()}",
+        f"{what}; true model: {true_logp:.3f}. {machine()}",
         "",
         "| method | test log p(x), final (per seed) | mean | ms/step |",
         "|---|---|---|---|",
