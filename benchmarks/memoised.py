@@ -23,7 +23,8 @@ hyperparameters importance-sampled from their learned prior. 50 model evaluation
 and step: ``hmws`` = ``MemoisedWakeSleep(5, 5, num_continuous_particles=5)``, ``rws`` / ``vimco``
 with 50 particles, ``hmws-code`` (``get_cmws_5_loss``, 5/5/5), ``rws-code`` (50 particles).
 
-All use insomnia 1 (no sleep phase), Adam (lr 1e-2) over model and guide, one torch thread.
+All use insomnia 1 (no sleep phase; ``--insomnia 0.5`` adds it, as in the hmws experiments),
+Adam (lr 1e-2) over model and guide, one torch thread.
 
     python benchmarks/memoised.py --hmws-path /tmp/hmws   # results/memoised_programs.*
     python benchmarks/memoised.py --model kernels --hmws-path /tmp/hmws   # memoised_kernels.*
@@ -120,6 +121,17 @@ class ProgramsHmwsModel:
     def log_prob(self, latent, x):
         return self.log_prob_discrete_continuous(latent[0], latent[1], x)
 
+    def sample(self, sample_shape):
+        """Fantasies for hmws's sleep loss: ``([programs, c], outputs)``."""
+        with torch.no_grad():
+            d = self.discrete_latent_sample(sample_shape)
+            mean = A.evaluate(*d.unbind(-1), A.inputs(M_INPUTS))
+            x = mean + A.NOISE * torch.randn(mean.shape)
+        return [d, torch.randn(tuple(sample_shape))], x
+
+
+M_INPUTS = 4
+
 
 class ProgramsHmwsGuide:
     def __init__(self, guide):
@@ -152,13 +164,13 @@ SETTINGS = {
 }
 
 
-def make_step(method, guide, num_data, cmws, setting):
+def make_step(method, guide, num_data, cmws, setting, insomnia=1.0):
     module, L, Kp, J, P = setting
     if not method.endswith("-code"):
         loss = {
-            "mws": lambda: MemoisedWakeSleep(L, Kp),
-            "hmws": lambda: MemoisedWakeSleep(L, Kp, num_continuous_particles=J),
-            "rws": lambda: RWS(num_particles=P),
+            "mws": lambda: MemoisedWakeSleep(L, Kp, insomnia=insomnia),
+            "hmws": lambda: MemoisedWakeSleep(L, Kp, num_continuous_particles=J, insomnia=insomnia),
+            "rws": lambda: RWS(num_particles=P, insomnia=insomnia),
             "vimco": lambda: VIMCO(num_particles=P),
         }[method]()
 
@@ -175,12 +187,14 @@ def make_step(method, guide, num_data, cmws, setting):
         memory = cmws.memory.Memory(num_data, L, hmws_model)
 
         def step(x, idx):
-            return cmws.losses.get_cmws_5_loss(hmws_model, hmws_guide, memory, x, idx, J, Kp).mean()
+            return cmws.losses.get_cmws_5_loss(
+                hmws_model, hmws_guide, memory, x, idx, J, Kp, insomnia=insomnia
+            ).mean()
 
         return step
 
     def step(x, idx):
-        return cmws.losses.get_rws_loss(hmws_model, hmws_guide, x, P).mean()
+        return cmws.losses.get_rws_loss(hmws_model, hmws_guide, x, P, insomnia=insomnia).mean()
 
     return step
 
@@ -197,7 +211,7 @@ def run(method, seed, args, data, cmws):
     pyro.module("guide", guide)
     params = [v.unconstrained() for v in pyro.get_param_store().values()]
     optim = torch.optim.Adam(params, lr=args.lr)
-    step = make_step(method, guide, N, cmws, SETTINGS[args.model])
+    step = make_step(method, guide, N, cmws, SETTINGS[args.model], args.insomnia)
     batches = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     curve, seconds = [], 0.0
@@ -250,6 +264,13 @@ def main():
     parser.add_argument("--num-test", type=int, default=None, help="programs 200, kernels 20")
     parser.add_argument("--batch-size", type=int, default=None, help="programs 20, kernels 10")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--insomnia",
+        type=float,
+        default=1.0,
+        help="wake weight of the guide for mws/hmws/rws (and their -code); < 1 adds the sleep "
+        "phase (the hmws experiments use 0.5); hmws code with < 1: programs model only",
+    )
     parser.add_argument("--T", type=int, default=None, help="series length / inputs (20 / 4)")
     parser.add_argument("--hmws-path", default=os.environ.get("HMWS_PATH"))
     parser.add_argument("--out", default=None, help="default: results/memoised_<model>")
@@ -300,8 +321,9 @@ def report(results, true_logp, args, methods):
         what = (
             f"Programs model (900 programs, {args.T} inputs), {args.num_train} training / "
             f"{args.num_test} test datapoints, B={args.batch_size}, {args.steps} Adam steps "
-            f"(lr {args.lr}), 20 model evaluations per datapoint and step; held-out log p(x) "
-            f"per datapoint, exact"
+            f"(lr {args.lr}), insomnia {args.insomnia}, 20 model evaluations per datapoint and "
+            f"step (+ one sleep fantasy per datapoint with insomnia < 1); held-out log p(x) per "
+            f"datapoint, exact"
         )
     else:
         what = (
