@@ -366,7 +366,7 @@ def report(results, true_logp, args, methods):
             )
     ax.axhline(true_logp, color="k", ls="--", label="true model")
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out log p(x) per series")
+    ax.set_ylabel("held-out log p(x) per datapoint")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
