@@ -6,6 +6,7 @@ from .adversarial import ALI, GAN, AdversarialStats, BiGAN
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
+from .memoised import MWS, MemoisedWakeSleep
 from .rws import RWS, ReweightedWakeSleep
 from .sleep_phase import SleepPhaseLoss
 from .vimco import VIMCO
@@ -23,6 +24,8 @@ __all__ = [
     "JitSleepPhaseLoss",
     "JitVIMCO",
     "JitWakeSleepELBO",
+    "MWS",
+    "MemoisedWakeSleep",
     "RWS",
     "EffectiveSampleSizeWarning",
     "ReweightedWakeSleep",
