@@ -121,10 +121,12 @@ def _batch_plates(runs, per_datapoint: bool, remedy: str) -> tuple[dict, float]:
 def site_log_prob(site: dict, scale_divisor: float = 1.0) -> torch.Tensor:
     """``log fn(value)`` scaled and masked as the site says, with ``scale_divisor`` taken out."""
     log_p = log_density(site)
-    scale = site["scale"]
+    scale, mask = site["scale"], site["mask"]
     if scale_divisor != 1.0:
         scale = scale / scale_divisor
-    return scale_and_mask(log_p, scale, site["mask"])
+    if mask is None and type(scale) in (float, int) and scale == 1:
+        return log_p  # what scale_and_mask returns, without its checks (once per site and run)
+    return scale_and_mask(log_p, scale, mask)
 
 
 def _aligned(log_p: torch.Tensor, site: dict, plate_nesting: int, vectorized: bool):
