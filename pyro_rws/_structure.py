@@ -416,6 +416,8 @@ def check_fantasy_shape(name: str, site: dict) -> None:
     if batch is None or event is None or not torch.is_tensor(value):
         return
     shape, n = value.shape, len(event)
+    if shape == batch + event:  # the usual case
+        return
     if len(shape) >= n and shape[len(shape) - n :] == event:
         value_batch = shape[: len(shape) - n]
         extra = max(len(value_batch) - len(batch), 0)

@@ -307,3 +307,26 @@ def test_sleep_phase_checks_the_plates_of_a_site_the_model_marks_for_enumeration
 
     with pytest.raises(ValueError, match=r"site 'z' lies in plate 'data' .* but in plate 'batch'"):
         SleepPhaseLoss(max_plate_nesting=1).loss(make_model("local"), renamed_guide, X)
+
+
+@WHERE
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: RWS(2, **kw),
+        lambda **kw: RWS(2, vectorize_particles=False, **kw),
+        lambda **kw: RWS(2, insomnia=0.5, **kw),
+        lambda **kw: VIMCO(2, **kw),
+        lambda **kw: WakeSleepELBO(2, **kw),
+    ],
+    ids=["rws", "rws-seq", "rws-insomnia", "vimco", "wake-sleep"],
+)
+def test_max_plate_nesting_guessed(where, make):
+    """The program of the issue, max_plate_nesting guessed: the step of max_plate_nesting=1."""
+    x = torch.tensor([0.5, -1.2, 2.0], dtype=torch.float64)
+    values = []
+    for kw in ({}, {"max_plate_nesting": 1}):
+        pyro.set_rng_seed(3)
+        values.append(make(**kw).differentiable_loss(make_model(where), guide, x))
+    assert torch.isfinite(values[0])
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
