@@ -20,6 +20,9 @@ Estimators: rws = RWS(K, insomnia=1) vs rrws ``ww``; ws-le = RWS(K, insomnia=0,
 num_sleep_particles=K) vs rrws ``ws``; vimco = VIMCO(K) vs rrws ``vimco``; ws = WakeSleepELBO
 (pyro_rws only); reinforce = rrws only (pyro_rws has no IWAE score-function loss).
 
+``check`` compares the gradients of one step of pyro_rws's RWS and VIMCO with rrws's wake-theta
+/ wake-phi and VIMCO losses on the same particles (exact up to float32 rounding).
+
 ``time`` interleaves iterations of pyro_rws's RWS and rrws's ``train_wake_wake`` (same K, batch,
 one thread, from the same initial parameters), reporting the median ms per iteration of each
 and the ratio.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -238,59 +242,70 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+def _mean_curve(runs, metric):
+    n = min(len(r[metric]) for r in runs)
+    xs = runs[0]["iterations"][:n]
+    return xs, [sum(r[metric][i] for r in runs) / len(runs) for i in range(n)]
+
+
 def plot(args) -> None:
+    """One figure per metric: a panel per (estimator, K) with every seed of both codes, and a
+    last row with the seed means of all estimators together (the paper's comparison)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     records = load(args.iterations)
     if not records:
         sys.exit(f"no runs with {args.iterations} iterations in {OUT}")
     ests = [e for e in LABEL if any(r["estimator"] == e for r in records)]
     ks = sorted({r["k"] for r in records})
+    styles = dict(zip(ests, ["-", "--", ":", "-."], strict=False))
     for metric, ylabel in METRICS.items():
         fig, axes = plt.subplots(
-            len(ests),
+            len(ests) + 1,
             len(ks),
-            figsize=(3.2 * len(ks) + 0.6, 2.6 * len(ests) + 0.8),
+            figsize=(max(7.0, 3.4 * len(ks) + 0.8), 2.4 * (len(ests) + 1) + 1.0),
             sharex=True,
-            sharey="row",
+            sharey=True,
             squeeze=False,
             layout="constrained",
         )
-        for i, est in enumerate(ests):
-            for j, k in enumerate(ks):
+        for j, k in enumerate(ks):
+            for i, est in enumerate(ests):
                 ax = axes[i, j]
                 for r in records:
                     if r["estimator"] == est and r["k"] == k:
-                        ax.plot(
-                            r["iterations"],
-                            r[metric],
-                            color=COLORS[r["impl"]],
-                            lw=1.2,
-                            alpha=0.85,
-                            ls="-" if r["seed"] % 2 else "--",
-                        )
-                if metric == "model_error":
-                    ax.set_yscale("log")
-                ax.grid(True, alpha=0.3, which="both")
-                if i == 0:
-                    ax.set_title(f"K = {k}", fontsize=10)
-                if j == 0:
-                    ax.set_ylabel(LABEL[est], fontsize=9)
-                if i == len(ests) - 1:
-                    ax.set_xlabel("iteration")
+                        ls = "-" if r["seed"] % 2 else "--"
+                        ax.plot(r["iterations"], r[metric], color=COLORS[r["impl"]], lw=1.1, ls=ls)
+                ax.set_title(f"{LABEL[est]}, K = {k}", fontsize=9)
+            ax = axes[-1, j]
+            for est in ests:
+                for impl, color in COLORS.items():
+                    runs = [
+                        r for r in records if (r["estimator"], r["k"], r["impl"]) == (est, k, impl)
+                    ]
+                    if runs:
+                        ax.plot(*_mean_curve(runs, metric), color=color, ls=styles[est], lw=1.4)
+            ax.set_title(f"seed means, K = {k}", fontsize=9)
+            ax.set_xlabel("iteration")
+        for ax in axes.flat:
+            if metric == "model_error":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+                ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.grid(True, alpha=0.3, which="both")
         handles = [plt.Line2D([], [], color=c, lw=1.5) for c in COLORS.values()]
+        labels = ["rrws (reference code)", "pyro_rws"]
         handles += [plt.Line2D([], [], color="k", lw=1, ls=s) for s in ("-", "--")]
-        fig.legend(
-            handles,
-            ["rrws (reference code)", "pyro_rws", "odd seed", "even seed"],
-            loc="outside lower center",
-            ncol=4,
-            fontsize=9,
-        )
-        fig.suptitle(f"PCFG (astronomers), batch 2: {ylabel}", fontsize=10)
+        labels += ["odd seed", "even seed"]
+        handles += [plt.Line2D([], [], color="0.4", lw=1.4, ls=styles[e]) for e in ests]
+        labels += [f"{LABEL[e]} (last row)" for e in ests]
+        fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+        fig.suptitle(f"PCFG (astronomers), batch 2\n{ylabel}", fontsize=10)
         path = OUT.parent / f"pcfg_{metric}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -312,9 +327,9 @@ def timing(args) -> None:
     torch.set_num_threads(1)
     rrws_train, util = _rrws_modules(args.rrws)
     k = args.particles[0]
-    # a common state: pyro_rws's model and guide after --pretrain iterations (or at init),
+    # a common state: pyro_rws's model and guide after --pretrain iterations of RWS at K=2,
     # copied into rrws's modules (same parameters, same order)
-    r = train("rws", k, args.pretrain, seed=args.seeds[0], eval_every=10**9, eval_samples=1)
+    r = train("rws", 2, args.pretrain, seed=args.seeds[0], eval_every=10**9, eval_samples=1)
     model, guide = r.model, r.guide
     gen, inf, true = util.init_models(os.path.join(args.rrws, "pcfgs", "astronomers_pcfg.json"))
     ours = [*model.parameters(), *guide.parameters()]
@@ -375,6 +390,105 @@ def timing(args) -> None:
     (OUT.parent / f"pcfg_step_time_K{k}_pre{args.pretrain}.json").write_text(json.dumps(result))
 
 
+def _rel(ours, theirs, batch) -> float:
+    """Largest relative difference, over parameter tensors, of ours and batch * theirs."""
+    err = 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        a = torch.zeros(()) if a is None else a
+        b = torch.zeros(()) if b is None else b * batch
+        err = max(err, float((a - b).abs().max() / (b.abs().max() + 1e-6)))
+    return err
+
+
+def check(args) -> None:
+    """
+    The gradient of one step, pyro_rws against rrws, on the same particles: pyro_rws's loss
+    runs with a guide that records the trees it draws, and rrws's ``sample_tree`` is replaced
+    by one that returns those trees in rrws's order (sentence-major). From the same initial
+    parameters both gradients must agree up to the factor ``batch_size`` (pyro_rws sums the
+    per-sentence terms, rrws averages them) and float32 rounding.
+    """
+    import warnings
+
+    import pyro
+
+    from pyro_rws.examples.pcfg import ASTRONOMERS, ESTIMATORS, PCFG, Grammar, PCFGGuide
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    _, util = _rrws_modules(args.rrws)
+    import losses as rrws_losses
+
+    k, batch = args.particles[0], 2
+    worst = {}
+    for seed in args.seeds:
+        util.set_seed(seed)
+        gen, inf, true = util.init_models(os.path.join(args.rrws, "pcfgs", "astronomers_pcfg.json"))
+        pyro.set_rng_seed(seed)
+        grammar = Grammar.from_dict(ASTRONOMERS)
+        model, guide = PCFG(grammar), PCFGGuide(grammar)
+        words = [true.sample_obs() for _ in range(batch)]
+        sentences = [grammar.sentence(w) for w in words]
+        for est in args.estimators:
+            if est not in ("rws", "vimco"):
+                continue
+            drawn = []
+
+            def recording_guide(sentences, observations=None, drawn=drawn, guide=guide):
+                trees = guide.guide(sentences, observations)
+                drawn.append(trees)
+                return trees
+
+            for p in [*model.parameters(), *guide.parameters()]:
+                p.grad = None
+            ESTIMATORS[est][0](k).loss_and_grads(model.model, recording_guide, sentences)
+            ours = [p.grad for p in [*model.parameters(), *guide.parameters()]]
+            order = iter([drawn[j][i] for i in range(batch) for j in range(k)])
+            inf.sample_tree = lambda obs=None, **kw: next(order)  # noqa: B023
+            for p in [*gen.parameters(), *inf.parameters()]:
+                p.grad = None
+            if est == "rws":
+                lw, lq = rrws_losses.get_log_weight_and_log_q(gen, inf, words, k)
+                theta_loss, _ = rrws_losses.get_wake_theta_loss_from_log_weight(lw)
+                theta_grads = torch.autograd.grad(
+                    theta_loss, list(gen.parameters()), retain_graph=True, allow_unused=True
+                )
+                phi_loss = rrws_losses.get_wake_phi_loss_from_log_weight_and_log_q(lw, lq)
+                phi_grads = torch.autograd.grad(phi_loss, list(inf.parameters()), allow_unused=True)
+                theirs = [*theta_grads, *phi_grads]
+            else:
+                trees = [drawn[j][i] for i in range(batch) for j in range(k)]
+                order = iter(trees)
+                loss, _ = rrws_losses.get_vimco_loss(gen, inf, words, k)
+                theirs = torch.autograd.grad(
+                    loss, [*gen.parameters(), *inf.parameters()], allow_unused=True
+                )
+                # rrws's leave-one-out baseline is logsumexp(others, mean of others), without
+                # the -log K of its bound: each learning signal is shifted by -log K. The same
+                # loss with the -log K restored:
+                order = iter(trees)
+                lw, lq = rrws_losses.get_log_weight_and_log_q(gen, inf, words, k)
+                bound = torch.logsumexp(lw, 1) - math.log(k)
+                signal = 0
+                for i in range(k):
+                    others = lw[:, [j for j in range(k) if j != i]]
+                    cv = torch.logsumexp(torch.cat([others, others.mean(1, keepdim=True)], 1), 1)
+                    signal = signal + (bound - cv + math.log(k)).detach() * lq[:, i]
+                fixed = torch.autograd.grad(
+                    -bound.mean() - signal.mean(),
+                    [*gen.parameters(), *inf.parameters()],
+                    allow_unused=True,
+                )
+                worst["vimco, rrws with -log K restored"] = max(
+                    worst.get("vimco, rrws with -log K restored", 0.0), _rel(ours, fixed, batch)
+                )
+            del inf.sample_tree
+            err = _rel(ours, theirs, batch)
+            worst[est] = max(worst.get(est, 0.0), err)
+            print(f"seed {seed} {est} K={k}: max relative gradient difference {err:.2e}")
+    print("worst:", worst)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -395,7 +509,7 @@ def main(argv=None):
     o.add_argument("--iterations", type=int, required=True)
     o.add_argument("--eval-every", type=int, required=True)
     o.add_argument("--out", required=True)
-    for name in ("run", "time", "plot"):
+    for name in ("run", "time", "plot", "check"):
         s = sub.add_parser(name)
         s.add_argument(
             "--estimators", type=lambda t: t.split(","), default=["rws", "vimco", "ws-le"]
@@ -417,7 +531,7 @@ def main(argv=None):
         p.error("--rrws PATH (rrws's pcfg/ folder) is needed")
     for extra in args.pythonpath:
         sys.path.insert(0, extra)
-    {"one": one, "run": run, "time": timing, "plot": lambda a: plot(a)}[args.cmd](args)
+    {"one": one, "run": run, "time": timing, "plot": plot, "check": check}[args.cmd](args)
 
 
 if __name__ == "__main__":
