@@ -7,6 +7,9 @@ Subcommands:
 
 * ``gmm`` (the default): the Gaussian-mixture experiment of Le et al. (2019), which needs no
   download. Prints model error, inference error, bound and ms/step per estimator and K.
+* ``pcfg``: the probabilistic context-free grammar of Le et al. (2019), stochastic control flow
+  (every loss with ``vectorize_particles=False``). Prints model and inference error per
+  estimator and K.
 * ``sbn``: sigmoid belief nets on scikit-learn's digits, or on binarized MNIST (downloaded once
   with ``--data mnist``, or a path). Prints held-out log p(x) and ms/step per estimator.
 
@@ -28,10 +31,11 @@ import torch
 from .commands import run_gmm, run_sbn
 from .estimators import ESTIMATORS, Estimator
 from .parser import UsageError, build_parser
+from .pcfg import run_pcfg
 
 __all__ = ["ESTIMATORS", "Estimator", "build_parser", "main"]
 
-COMMANDS = {"gmm": run_gmm, "sbn": run_sbn}
+COMMANDS = {"gmm": run_gmm, "sbn": run_sbn, "pcfg": run_pcfg}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,13 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m pyro_rws gmm --estimators rws,ws-le --particles 5,20 --plot gmm.png\n"
             "  python -m pyro_rws sbn                  # SBN on sklearn digits\n"
             "  python -m pyro_rws sbn --data mnist --layers 200,200,200 --steps 20000\n"
+            "  python -m pyro_rws pcfg -K 5 --estimators rws,vimco --plot pcfg.png\n"
             "see 'python -m pyro_rws gmm --help' and 'python -m pyro_rws sbn --help'"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{gmm,sbn}")
+    sub = parser.add_subparsers(dest="command", metavar="{gmm,sbn,pcfg}")
     _gmm_parser(sub)
     _sbn_parser(sub)
+    from .pcfg import add_pcfg_parser  # here: .pcfg imports this module
+
+    add_pcfg_parser(sub)
     return parser
 
 
