@@ -1,0 +1,12 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""Amortized autoguides: guides q(z | x) built from the model, conditioned on its observations."""
+
+from .embedding import ObservationEmbedding, Standardize, datapoints, default_embedding_net
+
+__all__ = [
+    "ObservationEmbedding",
+    "Standardize",
+    "datapoints",
+    "default_embedding_net",
+]
