@@ -3,8 +3,10 @@
 """Amortized autoguides: guides q(z | x) built from the model, conditioned on its observations."""
 
 from .embedding import ObservationEmbedding, Standardize, datapoints, default_embedding_net
+from .flow import AutoAmortizedFlow
 
 __all__ = [
+    "AutoAmortizedFlow",
     "ObservationEmbedding",
     "Standardize",
     "datapoints",

@@ -55,14 +55,16 @@ def datapoints(
     value: torch.Tensor, *, batch_dim: int, event_dim: int, plate_dims: Sequence[int]
 ) -> torch.Tensor:
     """
-    Cut an observed value into datapoints: ``lead + C + shape``.
+    Cut an observed value into datapoints: ``lead + ones + C + shape``.
 
     ``value`` has shape ``lead + batch + event`` with ``len(batch) == batch_dim`` and
     ``len(event) == event_dim`` (``lead``: particle or sample dims added left of the model's
     own batch dims). ``plate_dims`` are the (negative, Pyro-style) dims of the plates that index
     datapoints, i.e. the plates the guide's latents lie in. ``C`` keeps their sizes at their
-    dims and has size 1 at every other dim right of the leftmost of them, so that the result
-    broadcasts like a sample site in those plates. ``shape`` is ``event`` if the value has no
+    dims and has size 1 at every other dim right of the leftmost of them, and ``ones`` are
+    size-1 dims standing for the batch dims left of ``C``, so that ``lead + ones + C``
+    broadcasts like the batch shape of a sample site in those plates (``lead`` keeps its
+    position relative to the model's plates). ``shape`` is ``event`` if the value has no
     other batch dims, else every other batch dim and the event flattened into one dim.
 
     :param torch.Tensor value: the observed value.
@@ -87,7 +89,7 @@ def datapoints(
     keep = sorted(first + d for d in plate_dims)
     others = [i for i in range(lead, first) if i not in keep]
     c_shape = tuple(value.shape[first + d] if d in plate_dims else 1 for d in range(-n_c, 0))
-    lead_shape = tuple(value.shape[:lead])
+    lead_shape = tuple(value.shape[:lead]) + (1,) * (batch_dim - n_c)
     if not others:
         return value.reshape(lead_shape + c_shape + tuple(value.shape[first:]))
     flat = math.prod(value.shape[i] for i in others) * math.prod(value.shape[first:])
