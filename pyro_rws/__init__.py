@@ -7,6 +7,7 @@ from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
 from .rws import RWS, ReweightedWakeSleep
+from .simulation import FitHistory, Simulations, fit_guide, simulate  # simulation-based inference
 from .sleep_phase import SleepPhaseLoss
 from .vimco import VIMCO
 from .wake_sleep import WakeSleepELBO
@@ -31,4 +32,9 @@ __all__ = [
     "VIMCO",
     "WakeSleepELBO",
     "log_evidence",
+    # simulation-based inference (pyro_rws/simulation.py)
+    "FitHistory",
+    "Simulations",
+    "fit_guide",
+    "simulate",
 ]

@@ -1,0 +1,813 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+A simulation budget: pairs :math:`(z_i, x_i) \sim p(z)\,p(x | z)`, drawn once and kept.
+
+:func:`simulate` runs the model forward ``num_simulations`` times, with every ``obs=`` site
+sampled (as the sleep phase does) and the sites named in ``observed=`` counted as data, and
+returns them as :class:`Simulations`, a :class:`torch.utils.data.Dataset`. :func:`fit_guide`
+then fits the guide to exactly those pairs by the sleep-phi loss of
+:class:`~pyro_rws.SleepPhaseLoss`,
+
+.. math:: \mathcal{L}_\phi = -\frac{1}{B} \sum_{i \in \text{batch}} \log q_\phi(z_i | x_i),
+
+by epochs over minibatches with early stopping on a validation part (neural posterior
+estimation, as in ``sbi``).
+
+**How the model is run.** In chunks of ``chunk_size`` simulations, in order of preference:
+
+1. ``"plate"``: one run inside the particle plate of the vectorized losses (a plate of the chunk
+   size at dim ``-(max_plate_nesting + 1)``), so each simulation is one particle;
+2. ``"leading"``: for simulators written as ``sbibm``'s (no plates, every site with a leading
+   batch dim of size 1 that the code itself treats as the simulation dim, e.g. a prior
+   ``expand_by([num_samples])`` and a simulator that asserts 2-d parameters), that leading dim
+   is expanded to the chunk size at every site;
+3. ``"runs"``: one run per simulation (stochastic control flow, or ``vectorize=False``).
+
+**Seeds.** Chunk ``k`` (vectorized) or simulation ``i`` (one run each) is seeded from one base
+``seed`` and its index, so the simulations do not depend on ``num_workers``; with one run per
+simulation they do not depend on ``chunk_size`` either (vectorized chunks do: ``chunk_size``
+decides which draws share a run).
+
+**Storage.** Each site is stored as one tensor ``(num_simulations, *shape)``, ``shape`` being
+the site's shape inside the particle plate without the particle dim (plates of the model
+kept, as the vectorized losses see it): the guide is then scored on a minibatch of ``B``
+simulations in a particle plate of size ``B``, exactly as :class:`~pyro_rws.SleepPhaseLoss`
+scores ``B`` fantasies. The model itself is not run again: its structure (sites, plates, event
+dims, which argument an ``obs=`` came from) is recorded and replayed with the stored values.
+Runs whose sites differ (random structure) are stored run by run and scored one at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import random
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import ImproperUniform, constraints
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.util import get_rng_state, set_rng_state
+
+from ._args import check_count, check_fraction
+from ._sleep import SleepState, Uncondition, reject_factors, sleep_log_q, sleep_traces
+from ._structure import PARTICLE_PLATE, is_deterministic, is_sample, plate_frames
+from ._traces import SampleTrace, in_particle_plate
+from .examples.progress import progress as _progress
+
+
+# --------------------------------------------------------------------------------------------
+# What is recorded of a site
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """One sample site of a simulation: its role, per-run shape, event dim and plates."""
+
+    name: str
+    observed: bool
+    deterministic: bool
+    event_dim: int
+    run_shape: tuple
+    frames: tuple  # CondIndepStackFrame of the model's plates, outermost first
+    obs_slot: int | str | None  # the argument an obs= value was, for the guide's routing
+
+    def to_plain(self) -> tuple:
+        frames = tuple(tuple(f) for f in self.frames)
+        return (
+            self.name,
+            self.observed,
+            self.deterministic,
+            self.event_dim,
+            self.run_shape,
+            frames,
+            self.obs_slot,
+        )
+
+    @classmethod
+    def from_plain(cls, t) -> Site:
+        frames = tuple(CondIndepStackFrame(*f) for f in t[5])
+        return cls(t[0], t[1], t[2], t[3], tuple(t[4]), frames, t[6])
+
+
+def _obs_slot(obs, args, kwargs):
+    if obs is None:
+        return None
+    for i, a in enumerate(args):
+        if a is obs:
+            return i
+    return next((k for k, v in kwargs.items() if v is obs), None)
+
+
+def _sites(trace, observed: frozenset, args, kwargs) -> tuple[Site, ...]:
+    sites = []
+    for name, site in trace.nodes.items():
+        if not is_sample(site):
+            continue
+        was_observed = bool(site["infer"].get("was_observed"))
+        sites.append(
+            Site(
+                name,
+                was_observed or name in observed,
+                is_deterministic(site),
+                int(site["fn"].event_dim),
+                tuple(site["value"].shape),
+                plate_frames(site),
+                _obs_slot(site["infer"].get("obs"), args, kwargs) if was_observed else None,
+            )
+        )
+    return tuple(sites)
+
+
+def _plate_tail(site: Site, nesting: int) -> tuple | None:
+    """The site's shape inside a particle plate at dim ``-(nesting + 1)``, without that dim."""
+    batch = site.run_shape[: len(site.run_shape) - site.event_dim]
+    if len(batch) <= nesting:
+        return (1,) * (nesting - len(batch)) + site.run_shape
+    lead = len(batch) - nesting
+    return site.run_shape[lead:] if all(s == 1 for s in batch[:lead]) else None
+
+
+def _leading_tail(site: Site) -> tuple | None:
+    """The site's shape without its leading batch dim of size 1 (sbibm's simulation dim)."""
+    batch = site.run_shape[: len(site.run_shape) - site.event_dim]
+    if not batch or batch[0] != 1 or any(f.vectorized for f in site.frames):
+        return None
+    if not site.observed and len(batch) != 1:
+        return None  # a latent must be scored by the guide with its own event dims
+    return site.run_shape[1:]
+
+
+def _tails(sites, mode: str, nesting: int) -> dict | None:
+    tail = _plate_tail if mode != "leading" else (lambda s, n: _leading_tail(s))
+    tails = {s.name: tail(s, nesting) for s in sites}
+    return None if any(t is None for t in tails.values()) else tails
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds and runs
+# --------------------------------------------------------------------------------------------
+def _derived_seed(base: int, *key: int) -> int:
+    """A 64-bit seed for ``key`` (chunk or simulation index) from the base seed."""
+    state = np.random.SeedSequence(base, spawn_key=key).generate_state(2, np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def _set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class _LeadingBatch(poutine.messenger.Messenger):
+    """Expand every sample site's leading batch dim of size 1 to ``size`` (sbibm's batching)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or msg["done"] or not is_sample(msg):
+            return
+        shape = msg["fn"].batch_shape
+        if not shape or shape[0] not in (1, self.size):
+            raise ValueError(
+                f"site '{msg['name']}' has batch shape {tuple(shape)}, not a leading "
+                f"simulation dim of size 1 or {self.size}"
+            )
+        if shape[0] == 1:
+            msg["fn"] = msg["fn"].expand((self.size,) + tuple(shape[1:]))
+
+
+class _Unvectorizable(Exception):
+    pass
+
+
+@dataclass
+class _Job:
+    model: Callable
+    args: tuple
+    kwargs: dict
+    observed: frozenset
+    num_simulations: int
+    chunk_size: int
+    seed: int
+    mode: str = "runs"
+    nesting: int = 0
+    sites: tuple = ()
+    tails: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _trace(fn, args, kwargs):
+    return SampleTrace()(fn).get_trace(*args, **kwargs)
+
+
+def _run_chunk(job: _Job, k: int):
+    start = k * job.chunk_size
+    size = min(job.chunk_size, job.num_simulations - start)
+    model = Uncondition()(job.model)
+    if job.mode == "runs":
+        out = []
+        for i in range(start, start + size):
+            _set_seed(_derived_seed(job.seed, 1, i))
+            trace = _trace(model, job.args, job.kwargs)
+            reject_factors(trace, "simulate", "Write the factor as an observed sample site.")
+            sites = _sites(trace, job.observed, job.args, job.kwargs)
+            out.append((sites, {s.name: trace.nodes[s.name]["value"].detach() for s in sites}))
+        return out
+    _set_seed(_derived_seed(job.seed, 0, k))
+    if job.mode == "plate":
+        fn = in_particle_plate(model, size, job.nesting)
+    else:
+        fn = _LeadingBatch(size)(model)
+    try:
+        trace = _trace(fn, job.args, job.kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
+        raise _Unvectorizable(f"{type(e).__name__}: {e}") from e
+    names = [n for n, s in trace.nodes.items() if is_sample(s)]
+    if names != [s.name for s in job.sites]:
+        raise _Unvectorizable(f"the sites {names} differ from one run's {job.sites}")
+    values = {}
+    for name in names:
+        value = trace.nodes[name]["value"].detach()
+        if tuple(value.shape) != (size,) + job.tails[name]:
+            raise _Unvectorizable(
+                f"site '{name}' has shape {tuple(value.shape)}, not {(size,) + job.tails[name]}"
+            )
+        values[name] = value.contiguous()
+    return values
+
+
+_WORKER_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    torch.set_num_threads(1)
+
+
+def _work(k: int) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_run_chunk(_WORKER_JOB, k), buffer)
+    return buffer.getvalue()
+
+
+def _bar(total: int, show: bool | None, desc: str, unit: str):
+    return _progress(total=total, disable=None if show is None else not show, desc=desc, unit=unit)
+
+
+def simulate(
+    model: Callable,
+    num_simulations: int,
+    *args,
+    observed: Iterable[str] | None = None,
+    num_workers: int = 1,
+    chunk_size: int = 1000,
+    seed: int | None = None,
+    vectorize: bool = True,
+    max_plate_nesting: int | None = None,
+    progress: bool | None = None,
+    **kwargs,
+) -> Simulations:
+    r"""
+    Run ``model(*args, **kwargs)`` forward ``num_simulations`` times and keep every sample site:
+    a simulation budget for :func:`fit_guide`, as ``sbi``'s ``simulate_for_sbi``.
+
+    Every ``obs=`` site is sampled instead of observed, as in the sleep phase. A site counts as
+    *observed* (the data ``x`` the guide is conditioned on) if it has ``obs=`` in the model or
+    is named in ``observed``; every other sample site is a latent ``z`` (``pyro.deterministic``
+    sites are kept, but are neither, unless named). Simulators that sample their data without
+    ``obs=`` (as ``sbibm``'s do) name it: ``observed=("data",)``.
+
+    :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to it.
+    :param int num_simulations: how many simulations.
+    :param observed: names of sites to treat as observations besides the ``obs=`` sites.
+    :param int num_workers: worker processes (forked; the model need not be picklable where
+        fork is available). Each chunk is seeded by its index, so the result does not depend on
+        the number of workers.
+    :param int chunk_size: simulations per vectorized run, and per task of a worker.
+    :param int seed: base seed of the simulations (drawn from torch's generator if omitted,
+        so ``pyro.set_rng_seed`` before the call also fixes them). The global random state is
+        left as it was.
+    :param bool vectorize: try vectorized runs (``"plate"``, then ``"leading"``, see the
+        module docs) before one run per simulation; False: one run per simulation.
+    :param int max_plate_nesting: nested plates of the model (guessed from one run).
+    :param bool progress: show a progress bar (default: when writing to a terminal or a
+        notebook).
+    :rtype: Simulations
+    """
+    n = check_count("num_simulations", num_simulations, 1)
+    chunk_size = check_count("chunk_size", chunk_size, 1)
+    num_workers = check_count("num_workers", num_workers, 1)
+    observed = frozenset([observed] if isinstance(observed, str) else (observed or ()))
+    rng = get_rng_state()
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    job = _Job(model, args, dict(kwargs), observed, n, chunk_size, int(seed))
+    try:
+        # one run to learn the structure (seeded like simulation 0 when run alone)
+        ((sites, _),) = _run_chunk(replace(job, num_simulations=1, chunk_size=1), 0)
+        _check_sites(sites, observed)
+        nesting = max_plate_nesting
+        if nesting is None:
+            dims = [f.dim for s in sites for f in s.frames if f.vectorized]
+            nesting = -min(dims) if dims else 0
+        job.sites, job.nesting = sites, check_count("max_plate_nesting", nesting, 0)
+        first, reasons = None, []
+        for mode in ("plate", "leading") if vectorize else ():
+            tails = _tails(sites, mode, job.nesting)
+            if tails is None:
+                reasons.append(f"{mode}: the site shapes do not fit")
+                continue
+            job.mode, job.tails = mode, tails
+            try:
+                first = _run_chunk(job, 0)
+                break
+            except _Unvectorizable as e:
+                reasons.append(f"{mode}: {e}")
+        if first is None:
+            job.mode = "runs"
+            if vectorize:
+                warnings.warn(
+                    "simulate runs the model once per simulation (slow): it could not be run "
+                    "vectorized (" + "; ".join(reasons) + "). Pass vectorize=False to say so "
+                    "and silence this warning.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            first = _run_chunk(job, 0)
+        if job.mode == "leading":
+            job.nesting = 0
+        chunks = [first]
+        num_chunks = -(-n // chunk_size)
+        with _bar(n, progress, "simulate", "sim") as bar:
+            bar.update(min(chunk_size, n))
+            if num_workers == 1 or num_chunks == 1:
+                for k in range(1, num_chunks):
+                    chunks.append(_run_chunk(job, k))
+                    bar.update(min(chunk_size, n - k * chunk_size))
+            else:
+                methods = multiprocessing.get_all_start_methods()
+                context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                with context.Pool(num_workers, _init_worker, (job,)) as pool:
+                    for k, data in enumerate(pool.imap(_work, range(1, num_chunks)), 1):
+                        chunks.append(torch.load(io.BytesIO(data), weights_only=True))
+                        bar.update(min(chunk_size, n - k * chunk_size))
+    finally:
+        set_rng_state(rng)
+    return _assemble(job, chunks)
+
+
+def _check_sites(sites, observed) -> None:
+    names = {s.name for s in sites}
+    unknown = sorted(observed - names)
+    if unknown:
+        raise ValueError(
+            f"observed={sorted(observed)} names {unknown}, which are not sample sites of the "
+            f"model (its sites: {sorted(names)})"
+        )
+    if not any(s.observed for s in sites):
+        raise ValueError(
+            "the model has no observed site: no site has obs= and observed= names none. Name "
+            f"the data sites, e.g. observed=('data',) (the model's sites: {sorted(names)}); a "
+            "simulator that returns its data rather than sampling it can record it with "
+            "pyro.deterministic('data', x, event_dim=...)."
+        )
+    for s in sites:
+        if any(f.size != (f.full_size or f.size) for f in s.frames):
+            raise ValueError(
+                f"site '{s.name}' lies in a subsampled plate: simulate runs the full model "
+                "(drop subsample_size= for the simulations)."
+            )
+
+
+def _assemble(job: _Job, chunks) -> Simulations:
+    if job.mode != "runs":
+        values = {s.name: torch.cat([c[s.name] for c in chunks]) for s in job.sites}
+        return Simulations(
+            values, job.sites, plate_nesting=job.nesting, mode=job.mode, seed=job.seed
+        )
+    runs = [run for chunk in chunks for run in chunk]
+    signatures = {sites for sites, _ in runs}
+    if len(signatures) == 1:
+        tails = _tails(runs[0][0], "plate", job.nesting)
+        if tails is not None:
+            values = {
+                s.name: torch.stack([v[s.name].reshape(tails[s.name]) for _, v in runs])
+                for s in runs[0][0]
+            }
+            return Simulations(
+                values, runs[0][0], plate_nesting=job.nesting, mode="runs", seed=job.seed
+            )
+    return Simulations(None, None, runs=runs, plate_nesting=job.nesting, mode="runs", seed=job.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# The stored simulations
+# --------------------------------------------------------------------------------------------
+class Simulations(torch.utils.data.Dataset):
+    """
+    Simulations ``(z_i, x_i)``, as returned by :func:`simulate`: a
+    :class:`~torch.utils.data.Dataset` whose item ``i`` is a dict ``{site name: value}``.
+
+    Sites of a model with fixed structure are stored stacked, one tensor of shape
+    ``(len(self), *shape)`` per site (:attr:`values`, :attr:`latents`,
+    :attr:`observations`), ``shape`` being the site's shape inside the particle plate of the
+    vectorized losses without the particle dim (e.g. ``(10,)`` for sbibm's 10-d data, ``(1,)``
+    for a global scalar latent of a model with one plate). Simulations whose sites differ are
+    stored run by run (:attr:`values` is None).
+
+    :ivar str mode: how they were run: ``"plate"``, ``"leading"`` or ``"runs"``.
+    :ivar int plate_nesting: the particle plate's dim is ``-(plate_nesting + 1)``.
+    :ivar int seed: the base seed of :func:`simulate`.
+    """
+
+    def __init__(self, values, sites, *, runs=None, plate_nesting=0, mode="plate", seed=None):
+        self.values: dict[str, torch.Tensor] | None = values
+        self.sites: tuple[Site, ...] | None = sites
+        self.runs: list | None = runs
+        self.plate_nesting, self.mode, self.seed = plate_nesting, mode, seed
+
+    def __len__(self) -> int:
+        if self.values is None:
+            return len(self.runs)
+        return len(next(iter(self.values.values())))
+
+    def __getitem__(self, index):
+        """An int gives ``{site: value}``; a slice, list or index tensor gives Simulations."""
+        if isinstance(index, int) or (torch.is_tensor(index) and index.dim() == 0):
+            if self.values is None:
+                return dict(self.runs[int(index)][1])
+            return {name: v[index] for name, v in self.values.items()}
+        return self.subset(index)
+
+    def subset(self, index) -> Simulations:
+        """The simulations at ``index`` (a slice, list or index tensor)."""
+        if self.values is None:
+            picked = range(len(self))[index] if isinstance(index, slice) else index
+            runs = [self.runs[int(i)] for i in picked]
+            return Simulations(
+                None,
+                None,
+                runs=runs,
+                plate_nesting=self.plate_nesting,
+                mode=self.mode,
+                seed=self.seed,
+            )
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, device=next(iter(self.values.values())).device)
+        values = {name: v[index] for name, v in self.values.items()}
+        return Simulations(
+            values, self.sites, plate_nesting=self.plate_nesting, mode=self.mode, seed=self.seed
+        )
+
+    def _names(self, observed: bool) -> dict:
+        if self.values is None:
+            raise ValueError("these simulations differ in their sites: read them run by run")
+        return {
+            s.name: self.values[s.name]
+            for s in self.sites
+            if s.observed == observed and (observed or not s.deterministic)
+        }
+
+    @property
+    def latents(self) -> dict[str, torch.Tensor]:
+        """``{site: (len(self), *shape)}`` of the latent sites."""
+        return self._names(False)
+
+    @property
+    def observations(self) -> dict[str, torch.Tensor]:
+        """``{site: (len(self), *shape)}`` of the observed sites."""
+        return self._names(True)
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        """The shape of each site per simulation (stacked storage)."""
+        return {name: tuple(v.shape[1:]) for name, v in (self.values or {}).items()}
+
+    def split(self, validation_fraction: float = 0.1, seed: int | None = None):
+        """
+        ``(training, validation)``: a random split, ``validation_fraction`` of the simulations
+        (rounded down) in the second part. ``seed`` fixes the permutation (default: torch's
+        generator).
+        """
+        fraction = check_fraction("validation_fraction", validation_fraction)
+        n = len(self)
+        num_val = int(fraction * n)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=generator)
+        return self.subset(perm[num_val:]), self.subset(perm[:num_val])
+
+    def to(self, device) -> Simulations:
+        """A copy on ``device`` (or converted by any argument of :meth:`torch.Tensor.to`)."""
+        if self.values is None:
+            runs = [(s, {k: v.to(device) for k, v in r.items()}) for s, r in self.runs]
+            return Simulations(
+                None,
+                None,
+                runs=runs,
+                plate_nesting=self.plate_nesting,
+                mode=self.mode,
+                seed=self.seed,
+            )
+        values = {name: v.to(device) for name, v in self.values.items()}
+        return Simulations(
+            values, self.sites, plate_nesting=self.plate_nesting, mode=self.mode, seed=self.seed
+        )
+
+    def save(self, path) -> None:
+        """Save to ``path`` (a file or file-like object), for :meth:`load`."""
+        plain = lambda sites: [s.to_plain() for s in sites]  # noqa: E731
+        torch.save(
+            {
+                "values": self.values,
+                "sites": None if self.sites is None else plain(self.sites),
+                "runs": None if self.runs is None else [(plain(s), r) for s, r in self.runs],
+                "plate_nesting": self.plate_nesting,
+                "mode": self.mode,
+                "seed": self.seed,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path, map_location=None) -> Simulations:
+        """Load simulations saved by :meth:`save` (``torch.load(weights_only=True)``)."""
+        d = torch.load(path, map_location=map_location, weights_only=True)
+        sites = lambda plain: tuple(Site.from_plain(t) for t in plain)  # noqa: E731
+        runs = None if d["runs"] is None else [(sites(s), r) for s, r in d["runs"]]
+        return cls(
+            d["values"],
+            None if d["sites"] is None else sites(d["sites"]),
+            runs=runs,
+            plate_nesting=d["plate_nesting"],
+            mode=d["mode"],
+            seed=d["seed"],
+        )
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {v}" for k, v in self.shapes.items()) or "run by run"
+        return f"Simulations({len(self)}, mode={self.mode!r}, {shapes})"
+
+
+# --------------------------------------------------------------------------------------------
+# The sleep-phi loss on stored simulations
+# --------------------------------------------------------------------------------------------
+def _in_particle_plate() -> bool:
+    return any(getattr(m, "name", None) == PARTICLE_PLATE for m in _PYRO_STACK)
+
+
+class _Replayed(poutine.messenger.Messenger):
+    """Give each site its stored value, plates and (for observations) its fantasy marks."""
+
+    def __init__(self, stand_in: _StandIn, values: dict, obs: dict):
+        super().__init__()
+        self.stand_in, self.values, self.obs = stand_in, values, obs
+
+    def _process_message(self, msg) -> None:
+        name = msg["name"]
+        if msg["type"] != "sample" or name not in self.values:
+            return
+        msg["value"] = self.values[name]
+        msg["cond_indep_stack"] = self.stand_in.frames[name] + msg["cond_indep_stack"]
+        if name in self.obs:
+            msg["infer"] = {"was_observed": True, "obs": self.obs[name]}
+
+
+class _StandIn:
+    """
+    The model as the sleep phase sees it, rebuilt from the recorded sites with the stored
+    values: every latent and observation at its stored value, in its plates, with its event
+    dim, and each observation marked as the fantasy of the argument its ``obs=`` was (or of
+    none). Inside the particle plate it serves the whole minibatch; outside (a guide that does
+    not broadcast, run once per simulation) one simulation per call.
+    """
+
+    def __init__(self, sites, values: dict, nesting: int):
+        self.sites = [s for s in sites if not (s.deterministic and not s.observed)]
+        self.values, self.nesting, self.count = values, nesting, 0
+        self.frames = {s.name: tuple(s.frames) for s in self.sites}
+
+    def __call__(self, *args, **kwargs):
+        if _in_particle_plate():
+            values = {s.name: self.values[s.name] for s in self.sites}
+        else:
+            k, self.count = self.count, self.count + 1
+            values = {s.name: self.values[s.name][k].reshape(s.run_shape) for s in self.sites}
+        obs = {}
+        for s in self.sites:
+            if s.observed:
+                slot = s.obs_slot
+                obs[s.name] = (
+                    args[slot]
+                    if isinstance(slot, int) and slot < len(args)
+                    else kwargs.get(slot)
+                    if isinstance(slot, str)
+                    else None
+                )
+        with _Replayed(self, values, obs):
+            for s in self.sites:
+                shape = values[s.name].shape[1:] if _in_particle_plate() else s.run_shape
+                event_dim = s.event_dim
+                if _in_particle_plate() and s.observed:
+                    event_dim = max(event_dim, len(shape) - self.nesting)
+                split = len(shape) - event_dim
+                fn = ImproperUniform(constraints.real, shape[:split], shape[split:])
+                pyro.sample(s.name, fn)
+
+
+def sleep_loss(
+    model: Callable,
+    guide: Callable,
+    simulations: Simulations,
+    *args,
+    fantasy_args=None,
+    _state: SleepState | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    r"""
+    The sleep-phi loss :math:`-\frac{1}{B} \sum_i \log q_\phi(z_i | x_i)` on the ``B`` stored
+    simulations, with gradients for the guide: :class:`~pyro_rws.SleepPhaseLoss`'s value on
+    fantasies equal to them (the guide is called with the stored observations as the sleep
+    phase calls it, see ``fantasy_args``, and scored at the stored latents, all ``B`` in one
+    particle plate). ``*args`` and ``**kwargs`` are those the model was simulated with. The
+    model itself is not run (its recorded structure stands in for it).
+    """
+    state = SleepState() if _state is None else _state
+    options = dict(plate_nesting=simulations.plate_nesting, fantasy_args=fantasy_args, state=state)
+    if simulations.values is not None:
+        stand_in = _StandIn(simulations.sites, simulations.values, simulations.plate_nesting)
+        B = len(simulations)
+        runs = sleep_traces(
+            stand_in, guide, args, kwargs, num_particles=B, vectorize=True, **options
+        )
+        return -sleep_log_q(runs, B)
+    total = 0.0
+    for sites, values in simulations.runs:
+        stacked = {name: v.unsqueeze(0) for name, v in values.items()}
+        stand_in = _StandIn(sites, stacked, simulations.plate_nesting)
+        runs = sleep_traces(
+            stand_in, guide, args, kwargs, num_particles=1, vectorize=False, **options
+        )
+        total = total + sleep_log_q(runs, 1)
+    return -total / len(simulations)
+
+
+@dataclass
+class FitHistory:
+    """What :func:`fit_guide` did: the losses per epoch and the epoch whose parameters it kept."""
+
+    train_loss: list = field(default_factory=list)
+    validation_loss: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_validation_loss: float = math.inf
+    num_steps: int = 0
+    converged: bool = False  # stopped early (no improvement for stop_after_epochs epochs)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.train_loss)
+
+
+def _guide_parameters(guide, capture) -> list:
+    params = {
+        id(site["value"].unconstrained()): site["value"].unconstrained()
+        for site in capture.trace.nodes.values()
+        if site["type"] == "param"
+    }
+    owner = guide if isinstance(guide, torch.nn.Module) else getattr(guide, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        params.update({id(p): p for p in owner.parameters()})
+    return [p for p in params.values() if p.requires_grad]
+
+
+def fit_guide(
+    model: Callable,
+    guide: Callable,
+    simulations: Simulations,
+    *args,
+    batch_size: int = 200,
+    learning_rate: float = 5e-4,
+    validation_fraction: float = 0.1,
+    stop_after_epochs: int = 20,
+    max_epochs: int | None = None,
+    clip_max_norm: float | None = 5.0,
+    fantasy_args=None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    **kwargs,
+) -> FitHistory:
+    r"""
+    Fit the guide to exactly the given simulations by the sleep-phi loss of
+    :class:`~pyro_rws.SleepPhaseLoss` (neural posterior estimation): epochs over shuffled
+    minibatches of the training part, Adam, and after each epoch the loss on the validation
+    part; training stops when it has not improved for ``stop_after_epochs`` epochs, and the
+    guide's parameters of the best epoch are restored. The defaults are ``sbi``'s.
+
+    The guide is called as the sleep phase calls it (see :func:`sleep_loss`), with the
+    arguments the model was simulated with (``*args``, ``**kwargs``). Its parameters are those
+    it creates with ``pyro.param``/``pyro.module`` (found by running it once), and those of the
+    guide itself if it is a :class:`torch.nn.Module` (or a method of one).
+
+    :param Simulations simulations: from :func:`simulate`.
+    :param int batch_size: simulations per gradient step.
+    :param float learning_rate: Adam's learning rate.
+    :param float validation_fraction: the part held out for early stopping (0: none; then
+        training runs ``max_epochs`` and keeps the last parameters).
+    :param int stop_after_epochs: epochs without improvement of the validation loss to stop.
+    :param int max_epochs: at most this many epochs (default: no limit with a validation
+        part, else 100).
+    :param float clip_max_norm: clip the gradient norm (None: no clipping).
+    :param fantasy_args: as for :class:`~pyro_rws.SleepPhaseLoss`.
+    :param int seed: fixes the split and the order of the minibatches.
+    :param bool progress: show a progress bar (default: in a terminal or notebook).
+    :returns: the losses per epoch, the best epoch.
+    :rtype: FitHistory
+    """
+    batch_size = check_count("batch_size", batch_size, 1)
+    stop_after_epochs = check_count("stop_after_epochs", stop_after_epochs, 1)
+    generator = torch.Generator()
+    generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+    split_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    train, val = simulations.split(validation_fraction, seed=split_seed)
+    if len(train) == 0:
+        raise ValueError(
+            f"no training simulations: {len(simulations)} with "
+            f"validation_fraction={validation_fraction}"
+        )
+    if max_epochs is None:
+        max_epochs = 2**31 - 1 if len(val) else 100
+    max_epochs = check_count("max_epochs", max_epochs, 1)
+    state = SleepState()
+
+    def loss_on(part):
+        return sleep_loss(
+            model, guide, part, *args, fantasy_args=fantasy_args, _state=state, **kwargs
+        )
+
+    def mean_loss(part) -> float:
+        with torch.no_grad():
+            total = sum(
+                float(loss_on(part[i : i + batch_size])) * len(part[i : i + batch_size])
+                for i in range(0, len(part), batch_size)
+            )
+        return total / len(part)
+
+    with poutine.trace(param_only=True) as capture:
+        loss_on(train[:1])
+    params = _guide_parameters(guide, capture)
+    if not params:
+        raise ValueError(
+            "the guide has no parameters to fit (no pyro.param, pyro.module or "
+            "nn.Module parameters)"
+        )
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    history, best, since_best = FitHistory(), None, 0
+    with _bar(max_epochs, progress, "fit_guide", "epoch") as bar:
+        for epoch in range(max_epochs):
+            perm = torch.randperm(len(train), generator=generator)
+            total = 0.0
+            for start in range(0, len(train), batch_size):
+                batch = train.subset(perm[start : start + batch_size])
+                optimizer.zero_grad()
+                loss = loss_on(batch)
+                loss.backward()
+                if clip_max_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+                optimizer.step()
+                total += float(loss.detach()) * len(batch)
+                history.num_steps += 1
+            history.train_loss.append(total / len(train))
+            bar.update(1)
+            if not len(val):
+                bar.set_postfix(train=f"{history.train_loss[-1]:.4g}")
+                continue
+            history.validation_loss.append(mean_loss(val))
+            bar.set_postfix(
+                train=f"{history.train_loss[-1]:.4g}", val=f"{history.validation_loss[-1]:.4g}"
+            )
+            if history.validation_loss[-1] < history.best_validation_loss:
+                history.best_validation_loss = history.validation_loss[-1]
+                history.best_epoch, since_best = epoch, 0
+                best = [p.detach().clone() for p in params]
+            else:
+                since_best += 1
+                if since_best >= stop_after_epochs:
+                    history.converged = True
+                    break
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best, strict=True):
+                p.copy_(b)
+    elif not len(val):
+        history.best_epoch = history.epochs - 1
+    return history
