@@ -178,7 +178,8 @@ class _Unsqueeze(nn.Module):
 class Standardize(nn.Module):
     """
     Elementwise ``(x - mean) / std`` over a per-datapoint ``shape``, with ``mean`` and ``std``
-    buffers (identity until :meth:`standardize_from` sets them).
+    buffers (identity until :meth:`standardize_from` sets them). Inputs are cast to the buffers'
+    dtype (integer or boolean observations included).
 
     :param shape: the per-datapoint shape (the trailing dims of every input).
     """
@@ -211,7 +212,7 @@ class Standardize(nn.Module):
         self.std.copy_(std.clamp(min=floor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return (x.to(self.mean.dtype) - self.mean) / self.std
 
 
 class ObservationEmbedding(nn.Module):

@@ -81,9 +81,9 @@ class _ConditionalAffine(ConditionalTransformModule):
 class _SiteFlow(nn.Module):
     """The conditional flow of one latent site, with its standardization buffers."""
 
-    def __init__(self, dim: int, context_dim: int, num_transforms: int, hidden_features: int):
+    def __init__(self, dim: int, context_dim: int, num_transforms: int, hidden_dims: list[int]):
         super().__init__()
-        hidden = [hidden_features, hidden_features]
+        hidden = list(hidden_dims)
         self.dim = dim
         if dim == 1:
             self.layers = nn.ModuleList(
@@ -166,8 +166,9 @@ class AutoAmortizedFlow(AutoGuide):
         :mod:`pyro_rws.autoguides.embedding`); by default one is chosen from their shapes.
     :param int num_transforms: flow layers per latent site of dimension >= 2 (``sbi``'s MAF
         default: 5).
-    :param int hidden_features: width of the two hidden layers of each layer's network (``sbi``'s
-        default: 50).
+    :param hidden_dims: widths of the hidden layers of each layer's network. The default, three
+        layers of 50, matches ``sbi``'s default MAF (``hidden_features=50``, whose MADE has an
+        input layer and two hidden blocks): about the same number of weights.
     :param observed: names of sites to treat as observations even where the model samples them
         (a model called without data); by default, the sites the model observes.
     """
@@ -184,19 +185,20 @@ class AutoAmortizedFlow(AutoGuide):
         *,
         embedding_net: nn.Module | None = None,
         num_transforms: int = 5,
-        hidden_features: int = 50,
+        hidden_dims: Sequence[int] = (50, 50, 50),
         observed: Sequence[str] | None = None,
     ):
-        for key, value in (
-            ("num_transforms", num_transforms),
-            ("hidden_features", hidden_features),
-        ):
+        hidden_dims = list(hidden_dims)
+        sizes = [("num_transforms", num_transforms)] + [("hidden_dims", h) for h in hidden_dims]
+        for key, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
+                raise ValueError(f"{key} must be positive int(s), got {value!r}")
+        if not hidden_dims:
+            raise ValueError("hidden_dims must name at least one hidden layer width")
         if isinstance(observed, str):
             observed = [observed]
         super().__init__(model)
-        self._options = dict(num_transforms=num_transforms, hidden_features=hidden_features)
+        self._options = dict(num_transforms=num_transforms, hidden_dims=hidden_dims)
         self._embedding_net = embedding_net
         self._observed = set(observed or ())
 
@@ -266,7 +268,8 @@ class AutoAmortizedFlow(AutoGuide):
             self._bijections[name] = biject_to(_static_support(site["fn"], name))
             nets[name] = _SiteFlow(dim, context_dim, **self._options)
             context_dim += dim
-        value = next(iter(observed.values()))["value"]
+        first = next(iter(observed))
+        value = (observations or {}).get(first, observed[first]["value"])
         options = {"device": value.device if torch.is_tensor(value) else None}
         if torch.is_tensor(value) and value.is_floating_point():
             options["dtype"] = value.dtype
