@@ -360,7 +360,8 @@ def simulate(
                 context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
                 with context.Pool(num_workers, _init_worker, (job,)) as pool:
                     for k, data in enumerate(pool.imap(_work, range(1, num_chunks)), 1):
-                        chunks.append(torch.load(io.BytesIO(data), weights_only=True))
+                        # our own workers' results (with Site records): not a file from elsewhere
+                        chunks.append(torch.load(io.BytesIO(data), weights_only=False))
                         bar.update(min(chunk_size, n - k * chunk_size))
     finally:
         set_rng_state(rng)
