@@ -6,6 +6,7 @@ from .adversarial import ALI, GAN, AdversarialStats, BiGAN
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
+from .posterior import ImportancePosterior, importance_posterior  # simulation-based inference
 from .rws import RWS, ReweightedWakeSleep
 from .simulation import FitHistory, Simulations, fit_guide, simulate  # simulation-based inference
 from .sleep_phase import SleepPhaseLoss
@@ -34,7 +35,9 @@ __all__ = [
     "log_evidence",
     # simulation-based inference (pyro_rws/simulation.py)
     "FitHistory",
+    "ImportancePosterior",
     "Simulations",
     "fit_guide",
+    "importance_posterior",
     "simulate",
 ]
