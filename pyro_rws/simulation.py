@@ -43,6 +43,7 @@ from __future__ import annotations
 import io
 import math
 import multiprocessing
+import numbers
 import random
 import warnings
 from collections.abc import Callable, Iterable
@@ -392,24 +393,22 @@ def _check_sites(sites, observed) -> None:
 
 
 def _assemble(job: _Job, chunks) -> Simulations:
+    common = dict(
+        plate_nesting=job.nesting, mode=job.mode, seed=job.seed, args=job.args, kwargs=job.kwargs
+    )
     if job.mode != "runs":
         values = {s.name: torch.cat([c[s.name] for c in chunks]) for s in job.sites}
-        return Simulations(
-            values, job.sites, plate_nesting=job.nesting, mode=job.mode, seed=job.seed
-        )
+        return Simulations(values, job.sites, **common)
     runs = [run for chunk in chunks for run in chunk]
-    signatures = {sites for sites, _ in runs}
-    if len(signatures) == 1:
+    if len({sites for sites, _ in runs}) == 1:
         tails = _tails(runs[0][0], "plate", job.nesting)
         if tails is not None:
             values = {
                 s.name: torch.stack([v[s.name].reshape(tails[s.name]) for _, v in runs])
                 for s in runs[0][0]
             }
-            return Simulations(
-                values, runs[0][0], plate_nesting=job.nesting, mode="runs", seed=job.seed
-            )
-    return Simulations(None, None, runs=runs, plate_nesting=job.nesting, mode="runs", seed=job.seed)
+            return Simulations(values, runs[0][0], **common)
+    return Simulations(None, None, runs=runs, **common)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,25 +417,52 @@ def _assemble(job: _Job, chunks) -> Simulations:
 class Simulations(torch.utils.data.Dataset):
     """
     Simulations ``(z_i, x_i)``, as returned by :func:`simulate`: a
-    :class:`~torch.utils.data.Dataset` whose item ``i`` is a dict ``{site name: value}``.
+    :class:`~torch.utils.data.Dataset` whose item ``i`` is a dict ``{site name: value}`` (so a
+    :class:`~torch.utils.data.DataLoader` batches them into ``{site name: (B, *shape)}``).
 
     Sites of a model with fixed structure are stored stacked, one tensor of shape
     ``(len(self), *shape)`` per site (:attr:`values`, :attr:`latents`,
     :attr:`observations`), ``shape`` being the site's shape inside the particle plate of the
     vectorized losses without the particle dim (e.g. ``(10,)`` for sbibm's 10-d data, ``(1,)``
     for a global scalar latent of a model with one plate). Simulations whose sites differ are
-    stored run by run (:attr:`values` is None).
+    stored run by run (:attr:`values` is None, :attr:`runs` lists ``(sites, values)``).
 
     :ivar str mode: how they were run: ``"plate"``, ``"leading"`` or ``"runs"``.
     :ivar int plate_nesting: the particle plate's dim is ``-(plate_nesting + 1)``.
     :ivar int seed: the base seed of :func:`simulate`.
+    :ivar tuple args: the model's arguments in :func:`simulate` (with :attr:`kwargs`; not
+        saved by :meth:`save`): :func:`fit_guide`'s default.
     """
 
-    def __init__(self, values, sites, *, runs=None, plate_nesting=0, mode="plate", seed=None):
+    def __init__(
+        self,
+        values,
+        sites,
+        *,
+        runs=None,
+        plate_nesting=0,
+        mode="plate",
+        seed=None,
+        args=(),
+        kwargs=None,
+    ):
         self.values: dict[str, torch.Tensor] | None = values
         self.sites: tuple[Site, ...] | None = sites
         self.runs: list | None = runs
         self.plate_nesting, self.mode, self.seed = plate_nesting, mode, seed
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+
+    def _like(self, values=None, runs=None) -> Simulations:
+        return Simulations(
+            values,
+            self.sites if values is not None else None,
+            runs=runs,
+            plate_nesting=self.plate_nesting,
+            mode=self.mode,
+            seed=self.seed,
+            args=self.args,
+            kwargs=self.kwargs,
+        )
 
     def __len__(self) -> int:
         if self.values is None:
@@ -445,31 +471,34 @@ class Simulations(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         """An int gives ``{site: value}``; a slice, list or index tensor gives Simulations."""
-        if isinstance(index, int) or (torch.is_tensor(index) and index.dim() == 0):
+        if isinstance(index, numbers.Integral) or (torch.is_tensor(index) and index.dim() == 0):
             if self.values is None:
                 return dict(self.runs[int(index)][1])
-            return {name: v[index] for name, v in self.values.items()}
+            return {name: v[int(index)] for name, v in self.values.items()}
         return self.subset(index)
 
     def subset(self, index) -> Simulations:
         """The simulations at ``index`` (a slice, list or index tensor)."""
         if self.values is None:
             picked = range(len(self))[index] if isinstance(index, slice) else index
-            runs = [self.runs[int(i)] for i in picked]
-            return Simulations(
-                None,
-                None,
-                runs=runs,
-                plate_nesting=self.plate_nesting,
-                mode=self.mode,
-                seed=self.seed,
-            )
+            return self._like(runs=[self.runs[int(i)] for i in picked])
         if not isinstance(index, slice):
             index = torch.as_tensor(index, device=next(iter(self.values.values())).device)
-        values = {name: v[index] for name, v in self.values.items()}
-        return Simulations(
-            values, self.sites, plate_nesting=self.plate_nesting, mode=self.mode, seed=self.seed
-        )
+        return self._like({name: v[index] for name, v in self.values.items()})
+
+    @classmethod
+    def cat(cls, parts: Iterable[Simulations]) -> Simulations:
+        """Simulations of the same model, one after the other (e.g. a budget in rounds)."""
+        parts = list(parts)
+        first = parts[0]
+        if any(p.sites != first.sites or p.plate_nesting != first.plate_nesting for p in parts):
+            raise ValueError("Simulations.cat joins simulations of the same sites and plates")
+        if first.values is None or any(p.values is None for p in parts):
+            runs = [run for p in parts for run in (p.runs or [])]
+            if any(p.values is not None for p in parts):
+                raise ValueError("Simulations.cat cannot join stacked with run-by-run ones")
+            return first._like(runs=runs)
+        return first._like({n: torch.cat([p.values[n] for p in parts]) for n in first.values})
 
     def _names(self, observed: bool) -> dict:
         if self.values is None:
@@ -508,22 +537,13 @@ class Simulations(torch.utils.data.Dataset):
         perm = torch.randperm(n, generator=generator)
         return self.subset(perm[num_val:]), self.subset(perm[:num_val])
 
-    def to(self, device) -> Simulations:
-        """A copy on ``device`` (or converted by any argument of :meth:`torch.Tensor.to`)."""
+    def to(self, *args, **kwargs) -> Simulations:
+        """A copy with every value converted by :meth:`torch.Tensor.to` (a device, a dtype)."""
         if self.values is None:
-            runs = [(s, {k: v.to(device) for k, v in r.items()}) for s, r in self.runs]
-            return Simulations(
-                None,
-                None,
-                runs=runs,
-                plate_nesting=self.plate_nesting,
-                mode=self.mode,
-                seed=self.seed,
+            return self._like(
+                runs=[(s, {k: v.to(*args, **kwargs) for k, v in r.items()}) for s, r in self.runs]
             )
-        values = {name: v.to(device) for name, v in self.values.items()}
-        return Simulations(
-            values, self.sites, plate_nesting=self.plate_nesting, mode=self.mode, seed=self.seed
-        )
+        return self._like({name: v.to(*args, **kwargs) for name, v in self.values.items()})
 
     def save(self, path) -> None:
         """Save to ``path`` (a file or file-like object), for :meth:`load`."""
@@ -640,9 +660,12 @@ def sleep_loss(
     simulations, with gradients for the guide: :class:`~pyro_rws.SleepPhaseLoss`'s value on
     fantasies equal to them (the guide is called with the stored observations as the sleep
     phase calls it, see ``fantasy_args``, and scored at the stored latents, all ``B`` in one
-    particle plate). ``*args`` and ``**kwargs`` are those the model was simulated with. The
-    model itself is not run (its recorded structure stands in for it).
+    particle plate). ``*args`` and ``**kwargs`` are those the model was simulated with (by
+    default :attr:`Simulations.args`). The model itself is not run (its recorded structure
+    stands in for it).
     """
+    if not args and not kwargs:
+        args, kwargs = simulations.args, simulations.kwargs
     state = SleepState() if _state is None else _state
     options = dict(plate_nesting=simulations.plate_nesting, fantasy_args=fantasy_args, state=state)
     if simulations.values is not None:
@@ -715,7 +738,8 @@ def fit_guide(
     guide's parameters of the best epoch are restored. The defaults are ``sbi``'s.
 
     The guide is called as the sleep phase calls it (see :func:`sleep_loss`), with the
-    arguments the model was simulated with (``*args``, ``**kwargs``). Its parameters are those
+    arguments the model was simulated with (``*args``, ``**kwargs``; by default those that
+    :func:`simulate` was given, :attr:`Simulations.args`). Its parameters are those
     it creates with ``pyro.param``/``pyro.module`` (found by running it once), and those of the
     guide itself if it is a :class:`torch.nn.Module` (or a method of one).
 
@@ -735,6 +759,8 @@ def fit_guide(
     :rtype: FitHistory
     """
     batch_size = check_count("batch_size", batch_size, 1)
+    if not args and not kwargs:
+        args, kwargs = simulations.args, simulations.kwargs
     stop_after_epochs = check_count("stop_after_epochs", stop_after_epochs, 1)
     generator = torch.Generator()
     generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)

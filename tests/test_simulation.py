@@ -212,6 +212,21 @@ def test_save_load_split_to(tmp_path):
     assert len(sims[2:5]) == 3 and len(sims[torch.tensor([0, 9])]) == 2
 
 
+def test_cat_dataloader_and_default_arguments():
+    x = data()
+    a, b = simulate(fixed_model, 4, x, seed=1), simulate(fixed_model, 3, x, seed=2)
+    both = Simulations.cat([a, b])
+    assert len(both) == 7 and torch.equal(both.values["z"][4:], b.values["z"])
+    loader = torch.utils.data.DataLoader(both, batch_size=5)
+    first = next(iter(loader))
+    assert first["x"].shape == (5, 4) and torch.equal(first["x"], both.values["x"][:5])
+    # the model's arguments are kept: sleep_loss and fit_guide default to them
+    assert both.args[0] is x
+    assert torch.equal(
+        sleep_loss(fixed_model, guide, both), sleep_loss(fixed_model, guide, both, x)
+    )
+
+
 def test_observed_sites_must_exist():
     with pytest.raises(ValueError, match="no observed site"):
         simulate(sbibm_model(gaussian_linear), 3)
