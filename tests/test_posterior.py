@@ -113,8 +113,9 @@ def test_simulator_without_likelihood_samples_the_guide():
 
 
 def test_keep_particles_false():
-    post = importance_posterior(global_model, wide_guide, data(), num_particles=100,
-                                keep_particles=False)  # fmt: skip
+    post = importance_posterior(
+        global_model, wide_guide, data(), num_particles=100, keep_particles=False
+    )
     assert isinstance(post, ImportancePosterior) and post.latents is None
     assert post.log_weights.shape == (100,)
     with pytest.raises(ValueError, match="keep_particles"):
@@ -167,8 +168,9 @@ def test_sbibm_slcp_batch_shape_is_one_joint_likelihood():
         pyro.sample("parameters", dist.Normal(torch.zeros(1, 2), 1.0).to_event(1))
 
     x_o = torch.tensor([[[0.5, 0.0], [1.0, -0.5], [0.2, 0.1], [0.9, 0.3]]])
-    post = importance_posterior(model, prior_guide, observations={"data": x_o},
-                                num_particles=20_000, chunk_size=4000)  # fmt: skip
+    post = importance_posterior(
+        model, prior_guide, observations={"data": x_o}, num_particles=20_000, chunk_size=4000
+    )
     assert post.log_weights.shape == (20_000,)
     # exact: 4 draws with identity covariance: posterior N(sum x / 5, I / 5) per coordinate
     ess = float(post.effective_sample_size)

@@ -268,6 +268,40 @@ def test_sbibm_two_moons_returned_data_as_deterministic_site():
     sims = simulate(model, 40, observed=("data",), seed=0)
     assert sims.mode == "plate" and sims.shapes == {"parameters": (2,), "data": (2,)}
     assert set(sims.observations) == {"data"} and set(sims.latents) == {"parameters"}
+    # the guide reads the recorded data like any observation
+    seen = []
+
+    def guide(observations=None):
+        seen.append(observations["data"])
+        pyro.sample("parameters", dist.Normal(observations["data"], 1.0).to_event(1))
+
+    sleep_loss(model, guide, sims)
+    assert torch.equal(seen[-1], sims.values["data"])
+
+
+def test_fit_guide_function_guide_with_pyro_module_and_no_validation():
+    x = data()
+    sims = simulate(fixed_model, 60, x, seed=0)
+    net = torch.nn.Linear(1, 2)
+
+    def module_guide(x):
+        pyro.module("net", net)
+        out = net(x.unsqueeze(-1))
+        with pyro.plate("data", x.shape[-1]):
+            pyro.sample("z", dist.Normal(out[..., 0], out[..., 1].exp()))
+
+    before = net.weight.detach().clone()
+    history = fit_guide(
+        fixed_model,
+        module_guide,
+        sims,
+        validation_fraction=0.0,
+        max_epochs=3,
+        batch_size=20,
+        progress=False,
+    )
+    assert history.epochs == 3 and history.num_steps == 9 and not history.validation_loss
+    assert history.best_epoch == 2 and not torch.equal(net.weight.detach(), before)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,8 +384,17 @@ def test_sleep_loss_on_the_sbibm_model_with_an_observations_guide():
 def test_fit_guide_learns_the_conjugate_posterior():
     x = data()
     sims = simulate(fixed_model, 1000, x, seed=0)
-    history = fit_guide(fixed_model, guide, sims, x, learning_rate=0.05, batch_size=100,
-                        max_epochs=15, seed=0, progress=False)  # fmt: skip
+    history = fit_guide(
+        fixed_model,
+        guide,
+        sims,
+        x,
+        learning_rate=0.05,
+        batch_size=100,
+        max_epochs=15,
+        seed=0,
+        progress=False,
+    )
     assert history.epochs <= 15 and history.num_steps == history.epochs * 9
     a, b, s = (float(pyro.param(k).detach()) for k in "abs")
     # exact posterior: z | x ~ N(x / 2, 1 / sqrt 2); Monte Carlo error of 900 pairs, a few %
@@ -362,18 +405,37 @@ def test_fit_guide_stops_early_and_restores_the_best_parameters():
     x = data()
     sims = simulate(fixed_model, 100, x, seed=0)
     # with lr 0 the validation loss never improves on the first epoch's
-    still = fit_guide(fixed_model, guide, sims, x, learning_rate=0.0, stop_after_epochs=3,
-                      seed=0, progress=False)  # fmt: skip
+    still = fit_guide(
+        fixed_model, guide, sims, x, learning_rate=0.0, stop_after_epochs=3, seed=0, progress=False
+    )
     assert still.converged and still.epochs == 4 and still.best_epoch == 0
     # a learning rate that overshoots: the best epoch is restored, as a shorter run leaves it
     pyro.clear_param_store()
-    long = fit_guide(fixed_model, guide, sims, x, learning_rate=3.0, stop_after_epochs=4,
-                     batch_size=10, seed=1, progress=False)  # fmt: skip
+    long = fit_guide(
+        fixed_model,
+        guide,
+        sims,
+        x,
+        learning_rate=3.0,
+        stop_after_epochs=4,
+        batch_size=10,
+        seed=1,
+        progress=False,
+    )
     kept = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     assert long.converged and long.best_epoch < long.epochs - 1
     pyro.clear_param_store()
-    short = fit_guide(fixed_model, guide, sims, x, learning_rate=3.0, batch_size=10, seed=1,
-                      max_epochs=long.best_epoch + 1, progress=False)  # fmt: skip
+    short = fit_guide(
+        fixed_model,
+        guide,
+        sims,
+        x,
+        learning_rate=3.0,
+        batch_size=10,
+        seed=1,
+        max_epochs=long.best_epoch + 1,
+        progress=False,
+    )
     assert short.validation_loss == long.validation_loss[: long.best_epoch + 1]
     for k, v in pyro.get_param_store().items():
         assert torch.equal(v.detach(), kept[k]), k
@@ -394,8 +456,7 @@ def test_fit_guide_module_guide_on_sbibm_gaussian_linear():
             pyro.sample("parameters", dist.Normal(loc, self.log_scale.exp()).to_event(1))
 
     g = Guide()
-    history = fit_guide(model, g, sims, learning_rate=0.05, max_epochs=20, seed=0,
-                        progress=False)  # fmt: skip
+    history = fit_guide(model, g, sims, learning_rate=0.05, max_epochs=20, seed=0, progress=False)
     assert history.validation_loss[history.best_epoch] < history.validation_loss[0]
     # exact posterior: precision 10 + 10 per dim, mean x / 2, sd 1 / sqrt 20 = 0.22
     assert torch.allclose(g.log_scale.exp(), torch.full((3,), 20**-0.5), atol=0.1)
