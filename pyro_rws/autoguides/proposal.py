@@ -50,6 +50,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import SubsampleMessenger
@@ -127,21 +128,21 @@ class _Head(nn.Module):
 
     def proposal(self, features: torch.Tensor, prior):
         """The proposal distribution, batch shape broadcast with the prior's."""
-        batch = torch.broadcast_shapes(features.shape[:-1], prior.batch_shape)
+        batch = _broadcast(features.shape[:-1], prior.batch_shape)
         if self.kind == "prior":
             return prior
         raw = self.out(features)
         lead = raw.shape[:-1]
         if self.kind == "bernoulli":
-            q = dist.Bernoulli(logits=raw.reshape(lead + self.event_shape))
+            q = dist.Bernoulli(logits=raw.reshape(lead + self.event_shape), validate_args=False)
         elif self.kind == "categorical":
             logits = raw.reshape(lead + self.event_shape + (self.num_categories,))
-            q = dist.Categorical(logits=logits)
+            q = dist.Categorical(logits=logits, validate_args=False)
         else:
             q = self._continuous(raw, prior)
         if self.kind != "continuous":
             q = q.to_event(len(self.event_shape))
-        return q.expand(batch)
+        return q if q.batch_shape == batch else q.expand(batch)
 
     def _continuous(self, raw: torch.Tensor, prior):
         lead, k, d = raw.shape[:-1], self.num_components, self.dim
@@ -158,10 +159,12 @@ class _Head(nn.Module):
             loc, scale = loc.squeeze(-1), scale.squeeze(-1)
         if k == 1:
             loc, scale = loc.squeeze(-1 if scalar else -2), scale.squeeze(-1 if scalar else -2)
-        base = dist.Normal(loc, scale)
+        base = dist.Normal(loc, scale, validate_args=False)
         base = base if scalar else base.to_event(1)
         if k > 1:
-            base = dist.MixtureSameFamily(dist.Categorical(logits=mix), base)
+            base = dist.MixtureSameFamily(
+                dist.Categorical(logits=mix, validate_args=False), base, validate_args=False
+            )
         transforms = []
         if not scalar and self.unconstrained != (d,):
             transforms.append(dist.transforms.ReshapeTransform((d,), self.unconstrained))
@@ -182,6 +185,15 @@ class _Head(nn.Module):
             value = biject_to(prior.support).inv(value)
         flat = value.to(dtype).reshape(batch + (-1,))
         return self.value(torch.nan_to_num(flat, posinf=1e4, neginf=-1e4))
+
+
+def _broadcast(a: tuple, b: tuple) -> torch.Size:
+    """``torch.broadcast_shapes`` of two shapes (without its cost on a per-site path)."""
+    if a == b:
+        return torch.Size(a)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return torch.Size(x if y == 1 else y for x, y in zip(a, b, strict=True))
 
 
 def _has_bijection(support) -> bool:
@@ -263,7 +275,7 @@ class _Run(Messenger):
 
     def _postprocess_message(self, msg) -> None:
         prior = self.priors.pop(msg["name"], None) if msg["type"] == "sample" else None
-        if prior is None or msg["is_observed"]:
+        if prior is None:  # not a latent site of the model (its value may be conditioned)
             return
         head = self.guide.heads[_key(msg["name"])]
         emb = head.embed_value(msg["value"], prior, self.embedding.dtype)
@@ -364,6 +376,7 @@ class AutoAmortizedProposal(nn.Module):
         self.on_new_address: Callable | None = None
         self._prepared = False
         self._cache = None
+        self._params = None
 
     @property
     def model(self) -> Callable:
@@ -375,7 +388,7 @@ class AutoAmortizedProposal(nn.Module):
         return [k[len("site_") :].replace("\u2024", ".") for k in self.heads]
 
     def forward(self, *args, observations: dict | None = None, **kwargs) -> None:
-        pyro.module(self.name, self)
+        self._register()
         if observations is None and self.observations_from is not None:
             observations = self.observations_from(*args, **kwargs)
         if observations is None:
@@ -387,7 +400,26 @@ class AutoAmortizedProposal(nn.Module):
         with run:
             self.model(*args, **kwargs)
         if len(self.heads) > before:
-            pyro.module(self.name, self)  # the new heads reach the optimizer of SVI
+            self._register()  # the new heads reach the optimizer of SVI
+
+    def _register(self) -> None:
+        """
+        :func:`pyro.module` of the guide, with its parameter names cached: each parameter is
+        passed to :func:`pyro.param` (so that SVI's optimizer sees it); if the param store holds
+        another tensor under a name (a loaded store), ``pyro.module`` loads it into the guide.
+        """
+        key = (len(self.heads), self.lstm is not None)
+        if self._params is None or self._params[0] != key:
+            named = self.named_parameters()
+            self._params = (
+                key,
+                [(param_with_module_name(self.name, n), p) for n, p in named if p.requires_grad],
+            )
+        for full_name, p in self._params[1]:
+            if pyro.param(full_name, p) is not p:
+                pyro.module(self.name, self)
+                self._params = None
+                return
 
     # ----------------------------------------------------------------------------------------
     def _read_observations(self, args, kwargs, uncondition: bool = False) -> dict:
