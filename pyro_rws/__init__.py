@@ -3,6 +3,7 @@
 """Wake-sleep family of inference algorithms for Pyro."""
 
 from .adversarial import ALI, GAN, AdversarialStats, BiGAN
+from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALI",
     "AdversarialStats",
+    "AutoAmortizedProposal",
     "BiGAN",
     "GAN",
     "JitRWS",

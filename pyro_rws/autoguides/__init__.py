@@ -4,9 +4,11 @@
 
 from .embedding import ObservationEmbedding, Standardize, datapoints, default_embedding_net
 from .flow import AutoAmortizedFlow
+from .proposal import AutoAmortizedProposal
 
 __all__ = [
     "AutoAmortizedFlow",
+    "AutoAmortizedProposal",
     "ObservationEmbedding",
     "Standardize",
     "datapoints",
