@@ -357,8 +357,10 @@ def simulate(
                     chunks.append(_run_chunk(job, k))
                     bar.update(min(chunk_size, n - k * chunk_size))
             else:
-                methods = multiprocessing.get_all_start_methods()
-                context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                # fork (the model need not pickle) unless CUDA is initialized (unsafe to fork)
+                fork = "fork" in multiprocessing.get_all_start_methods()
+                fork = fork and not (torch.cuda.is_available() and torch.cuda.is_initialized())
+                context = multiprocessing.get_context("fork" if fork else "spawn")
                 with context.Pool(num_workers, _init_worker, (job,)) as pool:
                     for k, data in enumerate(pool.imap(_work, range(1, num_chunks)), 1):
                         # our own workers' results (with Site records): not a file from elsewhere
@@ -782,12 +784,12 @@ def fit_guide(
         )
 
     def mean_loss(part) -> float:
+        total = 0.0
         with torch.no_grad():
-            total = sum(
-                float(loss_on(part[i : i + batch_size])) * len(part[i : i + batch_size])
-                for i in range(0, len(part), batch_size)
-            )
-        return total / len(part)
+            for i in range(0, len(part), batch_size):
+                batch = part[i : i + batch_size]
+                total = total + loss_on(batch) * len(batch)
+        return float(total) / len(part)
 
     with poutine.trace(param_only=True) as capture:
         loss_on(train[:1])
@@ -802,7 +804,7 @@ def fit_guide(
     with _bar(max_epochs, progress, "fit_guide", "epoch") as bar:
         for epoch in range(max_epochs):
             perm = torch.randperm(len(train), generator=generator)
-            total = 0.0
+            total = 0.0  # a tensor after the first step: one host sync per epoch
             for start in range(0, len(train), batch_size):
                 batch = train.subset(perm[start : start + batch_size])
                 optimizer.zero_grad()
@@ -811,9 +813,9 @@ def fit_guide(
                 if clip_max_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
                 optimizer.step()
-                total += float(loss.detach()) * len(batch)
+                total = total + loss.detach() * len(batch)
                 history.num_steps += 1
-            history.train_loss.append(total / len(train))
+            history.train_loss.append(float(total) / len(train))
             bar.update(1)
             if not len(val):
                 bar.set_postfix(train=f"{history.train_loss[-1]:.4g}")
