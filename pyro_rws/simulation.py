@@ -256,9 +256,20 @@ def _init_worker(job: _Job) -> None:
     torch.set_num_threads(1)
 
 
+def _later_chunk(job: _Job, k: int):
+    """Chunk ``k >= 1``, run the way chunk 0 was: a failure now is the model's to fix."""
+    try:
+        return _run_chunk(job, k)
+    except _Unvectorizable as e:
+        raise ValueError(
+            f"simulate ran chunk 0 vectorized ({job.mode!r}), but chunk {k} failed that way: "
+            f"{e}. The model's structure depends on its random draws: pass vectorize=False."
+        ) from None
+
+
 def _work(k: int) -> bytes:
     buffer = io.BytesIO()
-    torch.save(_run_chunk(_WORKER_JOB, k), buffer)
+    torch.save(_later_chunk(_WORKER_JOB, k), buffer)
     return buffer.getvalue()
 
 
@@ -354,7 +365,7 @@ def simulate(
             bar.update(min(chunk_size, n))
             if num_workers == 1 or num_chunks == 1:
                 for k in range(1, num_chunks):
-                    chunks.append(_run_chunk(job, k))
+                    chunks.append(_later_chunk(job, k))
                     bar.update(min(chunk_size, n - k * chunk_size))
             else:
                 # fork (the model need not pickle) unless CUDA is initialized (unsafe to fork)

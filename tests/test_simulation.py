@@ -195,6 +195,20 @@ def test_random_structure_is_stored_run_by_run():
     assert len(train) == 9 and len(val) == 3
 
 
+def test_structure_that_changes_after_the_first_chunk_is_an_error():
+    def late_branch(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 2):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        if z.numel() > 1 and bool((z.abs() > 2.5).any()):  # rare: a later chunk takes it
+            pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="vectorize=False"):
+        simulate(late_branch, 400, torch.zeros(2), chunk_size=20, seed=0)
+    sims = simulate(late_branch, 30, torch.zeros(2), seed=0, vectorize=False)
+    assert sims.mode == "runs"
+
+
 def test_save_load_split_to(tmp_path):
     sims = simulate(fixed_model, 10, data(), seed=4)
     sims.save(tmp_path / "sims.pt")
