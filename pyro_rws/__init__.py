@@ -7,9 +7,14 @@ from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
-from .posterior import ImportancePosterior, importance_posterior  # simulation-based inference
+from .posterior import (  # simulation-based inference
+    FitHistory,
+    ImportancePosterior,
+    fit_guide,
+    importance_posterior,
+)
 from .rws import RWS, ReweightedWakeSleep
-from .simulation import FitHistory, Simulations, fit_guide, simulate  # simulation-based inference
+from .simulation import Simulations, simulate  # simulation-based inference
 from .sleep_phase import SleepPhaseLoss
 from .vimco import VIMCO
 from .wake_sleep import WakeSleepELBO
@@ -35,7 +40,7 @@ __all__ = [
     "VIMCO",
     "WakeSleepELBO",
     "log_evidence",
-    # simulation-based inference (pyro_rws/simulation.py)
+    # simulation-based inference (pyro_rws/simulation.py, pyro_rws/posterior.py)
     "FitHistory",
     "ImportancePosterior",
     "Simulations",

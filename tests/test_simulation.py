@@ -1,10 +1,11 @@
 # Copyright Contributors to the pyro_rws project.
 # SPDX-License-Identifier: Apache-2.0
 """
-Tests of pyro_rws/simulation.py: :func:`simulate` (seeding independent of workers and chunks,
-the three ways of running a model), :class:`Simulations` (split, save/load, indexing) and
-:func:`fit_guide` (the same estimator as :class:`SleepPhaseLoss` on the same pairs, early
-stopping), with stand-ins that mimic sbibm's prior, simulator and ``Simulator`` wrapper.
+Tests of pyro_rws/simulation.py, :func:`simulate` (seeding independent of workers and chunks,
+the three ways of running a model) and :class:`Simulations` (split, save/load, indexing), and of
+:func:`fit_guide` in pyro_rws/posterior.py (the same estimator as :class:`SleepPhaseLoss` on the
+same pairs, early stopping), with stand-ins that mimic sbibm's prior, simulator and
+``Simulator`` wrapper.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from conjugate import data, fixed_model, guide
 from discrete import FixFantasies
 
 from pyro_rws import Simulations, SleepPhaseLoss, fit_guide, simulate
-from pyro_rws.simulation import _derived_seed, sleep_loss
+from pyro_rws.posterior import sleep_loss
+from pyro_rws.simulation import _derived_seed
 
 pytestmark = pytest.mark.usefixtures("float64")
 #: sbibm's slcp transposes a 1-d tensor when it simulates one run (torch deprecates x.T there)
