@@ -527,7 +527,9 @@ def fit_guide(
         )
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     history, best, since_best = FitHistory(), None, 0
-    with _bar(max_epochs, progress, "fit_guide", "epoch") as bar:
+    with _bar(
+        max_epochs if max_epochs < 2**31 - 1 else None, progress, "fit_guide", "epoch"
+    ) as bar:
         for epoch in range(max_epochs):
             perm = torch.randperm(len(train), generator=generator)
             total = 0.0  # a tensor after the first step: one host sync per epoch
