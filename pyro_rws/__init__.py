@@ -3,6 +3,7 @@
 """Wake-sleep family of inference algorithms for Pyro."""
 
 from .adversarial import ALI, GAN, AdversarialStats, BiGAN
+from .autoguides.flow import AutoAmortizedFlow  # amortized flow guide (simulation-based inference)
 from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALI",
     "AdversarialStats",
+    "AutoAmortizedFlow",
     "AutoAmortizedProposal",
     "BiGAN",
     "GAN",
