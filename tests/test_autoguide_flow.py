@@ -41,9 +41,8 @@ def test_samples_inside_support(name):
     guide = AutoAmortizedFlow(simulator(prior), num_transforms=2, hidden_dims=[8])
     x = torch.randn(4000, 1) * 30  # far into the tails of the context
     guide(observations={"x": x[:2]})
-    for flow in guide.nets.values():  # push the standardization to extremes
-        if hasattr(flow, "scale"):
-            flow.scale.fill_(20.0)
+    for flow in guide.nets["flows"]:  # push the standardization to extremes
+        flow.scale.fill_(20.0)
     theta = guide(observations={"x": x})["theta"]
     assert theta.shape == (4000,) + prior.event_shape
     assert bool(prior.support.check(theta).all())
@@ -150,7 +149,7 @@ def test_standardize_and_observed_names():
     guide.standardize(sims)
     emb = guide.nets["embedding"].standardizers["x"]
     assert torch.allclose(emb.mean, sims["x"].mean(0))
-    assert torch.allclose(guide.nets["theta"].scale, theta.std(0))
+    assert torch.allclose(guide.flow("theta").scale, theta.std(0))
     assert guide(observations={"x": sims["x"][:7]})["theta"].shape == (7, 2)
     with pytest.raises(ValueError, match="not observed in this call"):
         guide()
@@ -165,7 +164,7 @@ def test_several_latents_chain():
     guide = AutoAmortizedFlow(model, num_transforms=1, hidden_dims=[8])
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=SleepPhaseLoss(3))
     assert math.isfinite(svi.step(torch.zeros(2)))
-    assert guide.nets["b"].layers[0].nn.context_dim == guide.nets["embedding"].out_features + 1
+    assert guide.flow("b").layers[0].nn.context_dim == guide.nets["embedding"].out_features + 1
 
 
 def test_embedding_net_option():

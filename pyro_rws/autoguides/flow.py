@@ -245,10 +245,14 @@ class AutoAmortizedFlow(AutoGuide):
         self._layout, self._slots, shapes = {}, {}, {}
         for name, site in observed.items():
             fn = site["fn"]
-            layout = dict(
-                batch_dim=len(fn.batch_shape), event_dim=fn.event_dim, plate_dims=plate_dims
-            )
-            proto = datapoints(torch.zeros(fn.batch_shape + fn.event_shape), **layout)
+            batch = tuple(fn.batch_shape)
+            # leading size-1 batch dims left of the plates (sbibm's simulation dim) broadcast:
+            # at call time they may hold a batch of simulations, so they count as leading dims
+            n_c = max((-d for d in plate_dims), default=0)
+            while len(batch) > n_c and batch[0] == 1:
+                batch = batch[1:]
+            layout = dict(batch_dim=len(batch), event_dim=fn.event_dim, plate_dims=plate_dims)
+            proto = datapoints(torch.zeros(batch + tuple(fn.event_shape)), **layout)
             self._layout[name] = layout
             shapes[name] = proto.shape[layout["batch_dim"] :]
             if site["is_observed"]:
@@ -260,19 +264,21 @@ class AutoAmortizedFlow(AutoGuide):
         self._latent_sites = list(latents)
         self._sizes, self._bijections = {}, {}
         nets = {"embedding": ObservationEmbedding(shapes, self._embedding_net)}
+        flows = []  # site k's flow at position k (site names may clash with attributes)
         context_dim = nets["embedding"].out_features
         for name, site in latents.items():
             event_shape = site["fn"].event_shape
             dim = math.prod(event_shape)
             self._sizes[name] = (dim, event_shape)
             self._bijections[name] = biject_to(_static_support(site["fn"], name))
-            nets[name] = _SiteFlow(dim, context_dim, **self._options)
+            flows.append(_SiteFlow(dim, context_dim, **self._options))
             context_dim += dim
         first = next(iter(observed))
         value = (observations or {}).get(first, observed[first]["value"])
         options = {"device": value.device if torch.is_tensor(value) else None}
         if torch.is_tensor(value) and value.is_floating_point():
             options["dtype"] = value.dtype
+        nets["flows"] = nn.ModuleList(flows)
         self.nets = nn.ModuleDict(nets).to(**options)
 
     def _datapoint_plates(self, latents: dict, observed: dict) -> list:
@@ -370,9 +376,13 @@ class AutoAmortizedFlow(AutoGuide):
     # ----------------------------------------------------------------------------------------
     # The guide
     # ----------------------------------------------------------------------------------------
+    def flow(self, name: str) -> nn.Module:
+        """The conditional flow of latent site ``name`` (with its ``loc``/``scale`` buffers)."""
+        return self.nets["flows"][self._latent_sites.index(name)]
+
     def _site_distribution(self, name: str, context: torch.Tensor) -> dist.TransformedDistribution:
         dim, event_shape = self._sizes[name]
-        transforms = self.nets[name].transforms(context)
+        transforms = self.flow(name).transforms(context)
         if tuple(event_shape) != (dim,):
             transforms.append(ReshapeTransform((dim,), event_shape))
         transforms.append(self._bijections[name])
@@ -407,7 +417,7 @@ class AutoAmortizedFlow(AutoGuide):
         dim, event_shape = self._sizes[name]
         u = self._bijections[name].inv(value)
         u = u.reshape(u.shape[: u.dim() - len(event_shape)] + (dim,))
-        flow = self.nets[name]
+        flow = self.flow(name)
         u = (u - flow.loc) / flow.scale
         batch = torch.broadcast_shapes(context.shape[:-1], u.shape[:-1])
         return torch.cat([context.expand(batch + context.shape[-1:]), u.expand(batch + (dim,))], -1)
@@ -426,11 +436,11 @@ class AutoAmortizedFlow(AutoGuide):
         :param args: model arguments, needed only if the guide has not been called yet.
         :returns: the guide.
         """
-        values = _simulated_values(simulations)
+        values, observed = _simulated_values(simulations)
         if self.prototype_trace is None:
             if not args and not kwargs:
                 args, kwargs = _model_args(simulations)
-            self._setup_prototype(*args, observations=None, **kwargs)
+            self._setup_prototype(*args, observations=observed, **kwargs)
         observed = {
             n: datapoints(values[n], **self._layout[n]).reshape(
                 (-1,) + self.nets["embedding"].shapes[n]
@@ -443,7 +453,7 @@ class AutoAmortizedFlow(AutoGuide):
             if name not in values:
                 continue
             dim, event_shape = self._sizes[name]
-            u = self._bijections[name].inv(values[name].to(self.nets[name].loc))
+            u = self._bijections[name].inv(values[name].to(self.flow(name).loc))
             u = u.reshape(-1, dim)
             if not torch.isfinite(u).all():
                 raise ValueError(
@@ -451,25 +461,26 @@ class AutoAmortizedFlow(AutoGuide):
                     "its prior's support; standardize from samples of the prior"
                 )
             std = u.std(0)
-            self.nets[name].loc.copy_(u.mean(0))
-            self.nets[name].scale.copy_(std.clamp(min=1e-6 * float(std.max()) + 1e-12))
+            self.flow(name).loc.copy_(u.mean(0))
+            self.flow(name).scale.copy_(std.clamp(min=1e-6 * float(std.max()) + 1e-12))
         return self
 
 
-def _simulated_values(simulations) -> dict:
+def _simulated_values(simulations) -> tuple[dict, dict | None]:
+    """``({site: values}, {observed site: values} or None if not known)``."""
     if isinstance(simulations, Mapping):
-        return dict(simulations)
+        return dict(simulations), None
     parts = {}
     for attr in ("latents", "observations"):
         part = getattr(simulations, attr, None)
         if isinstance(part, Mapping):
             parts.update(part)
-    if not parts:
-        raise TypeError(
-            "standardize expects pyro_rws.Simulations or a dict {site name: simulated values}, "
-            f"got {type(simulations).__name__}"
-        )
-    return parts
+    if parts:
+        return parts, dict(simulations.observations)
+    raise TypeError(
+        "standardize expects pyro_rws.Simulations or a dict {site name: simulated values}, "
+        f"got {type(simulations).__name__}"
+    )
 
 
 def _model_args(simulations) -> tuple[tuple, dict]:
