@@ -54,6 +54,8 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.transforms import ConditionalAffineAutoregressive, ConditionalSpline
 from pyro.infer.autoguide import AutoGuide
 from pyro.nn import ConditionalAutoRegressiveNN, DenseNN
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to, constraints
@@ -347,7 +349,7 @@ class AutoAmortizedFlow(AutoGuide):
         plates, selects = [], []
         for f in self._plate_frames:
             sizes = {
-                v.shape[v.dim() - len(self.nets["embedding"].shapes[n]) + f.dim]
+                v.shape[v.dim() - len(self._nets["embedding"].shapes[n]) + f.dim]
                 for n, v in x.items()
             }
             size = max(sizes)
@@ -361,7 +363,7 @@ class AutoAmortizedFlow(AutoGuide):
         return plates, selects
 
     def _context(self, x: dict, indices: dict) -> torch.Tensor:
-        embedding = self.nets["embedding"]
+        embedding = self._nets["embedding"]
         for dim, index in indices.items():
             x = {
                 n: v.index_select(v.dim() - len(embedding.shapes[n]) + dim, index)
@@ -376,9 +378,20 @@ class AutoAmortizedFlow(AutoGuide):
     # ----------------------------------------------------------------------------------------
     # The guide
     # ----------------------------------------------------------------------------------------
+    @property
+    def _nets(self) -> nn.ModuleDict:
+        # read past PyroModule's attribute access, which calls pyro.module (a pyro.param per
+        # weight: a quarter of a training step); SVI's parameter capture still gets it below
+        return self._modules["nets"]
+
+    def _register(self) -> None:
+        """Register the networks with Pyro when SVI captures parameters (param-only trace)."""
+        if any(isinstance(h, TraceMessenger) and h.param_only for h in _PYRO_STACK):
+            pyro.module(self._pyro_get_fullname("nets"), self._nets)
+
     def flow(self, name: str) -> nn.Module:
         """The conditional flow of latent site ``name`` (with its ``loc``/``scale`` buffers)."""
-        return self.nets["flows"][self._latent_sites.index(name)]
+        return self._nets["flows"][self._latent_sites.index(name)]
 
     def _site_distribution(self, name: str, context: torch.Tensor) -> dist.TransformedDistribution:
         dim, event_shape = self._sizes[name]
@@ -398,6 +411,7 @@ class AutoAmortizedFlow(AutoGuide):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, observations=observations, **kwargs)
+        self._register()
         raw = self._read(args, kwargs, observations)
         x = {n: datapoints(v, **self._layout[n]) for n, v in raw.items()}
         plates, selects = self._plates(x)
@@ -443,12 +457,12 @@ class AutoAmortizedFlow(AutoGuide):
             self._setup_prototype(*args, observations=observed, **kwargs)
         observed = {
             n: datapoints(values[n], **self._layout[n]).reshape(
-                (-1,) + self.nets["embedding"].shapes[n]
+                (-1,) + self._nets["embedding"].shapes[n]
             )
             for n in self._observed_sites
             if n in values
         }
-        self.nets["embedding"].standardize_from(observed)
+        self._nets["embedding"].standardize_from(observed)
         for name in self._latent_sites:
             if name not in values:
                 continue
