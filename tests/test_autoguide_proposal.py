@@ -135,8 +135,9 @@ def supports_model():
     pyro.sample("x", dist.Normal(loc, 1.0), obs=torch.tensor(0.5))
 
 
-def test_families_and_supports():
-    guide = AutoAmortizedProposal(supports_model, num_components=2)
+@pytest.mark.parametrize("continuous", ["normal", "flow"])
+def test_families_and_supports(continuous):
+    guide = AutoAmortizedProposal(supports_model, num_components=2, continuous=continuous)
     with pyro.plate("samples", 500, dim=-1):  # vectorized runs, as Predictive(parallel=True)
         trace = poutine.trace(guide).get_trace()
     model_trace = poutine.trace(supports_model).get_trace()
@@ -150,6 +151,7 @@ def test_families_and_supports():
     assert guide.heads["site_b"].kind == "bernoulli"
     assert guide.heads["site_c"].kind == "categorical"
     assert guide.heads["site_u"].relative and not guide.heads["site_r"].relative
+    assert hasattr(guide.heads["site_u"], "flow") == (continuous == "flow")
     assert "x" not in trace.nodes
     assert len(trace.nodes["s"]["value"].unique(dim=0)) > 1  # particles are independent
 

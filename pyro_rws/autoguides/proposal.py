@@ -96,7 +96,9 @@ def _num_categories(fn) -> int | None:
 class _Head(nn.Module):
     """The proposal of one address: its address embedding, value embedding and output layer."""
 
-    def __init__(self, fn, in_dim: int, address_dim: int, value_dim: int, num_components: int):
+    def __init__(
+        self, fn, in_dim: int, address_dim: int, value_dim: int, num_components: int, flow: bool
+    ):
         super().__init__()
         self.address = nn.Parameter(0.1 * torch.randn(address_dim))
         self.event_shape = tuple(fn.event_shape)
@@ -115,9 +117,13 @@ class _Head(nn.Module):
             self.dim = math.prod(self.unconstrained)
             self.num_components = num_components
             mix = num_components if num_components > 1 else 0
-            out = mix + 2 * num_components * self.dim
+            out = 0 if flow else mix + 2 * num_components * self.dim
             self.value = nn.Linear(self.dim, value_dim)
             self.relative = _relative_to_prior(fn)
+            if flow:  # the conditional flow of AutoAmortizedFlow (a spline for a scalar site)
+                from .flow import _SiteFlow
+
+                self.flow = _SiteFlow(self.dim, in_dim, 2, [in_dim, in_dim])
         else:
             self.kind, out = "prior", 0
             self.value = nn.Linear(self.event_numel, value_dim)
@@ -131,6 +137,8 @@ class _Head(nn.Module):
         batch = _broadcast(features.shape[:-1], prior.batch_shape)
         if self.kind == "prior":
             return prior
+        if self.kind == "continuous" and self.out is None:
+            return self._flow(features, prior).expand(batch)
         raw = self.out(features)
         lead = raw.shape[:-1]
         if self.kind == "bernoulli":
@@ -168,13 +176,25 @@ class _Head(nn.Module):
         transforms = []
         if not scalar and self.unconstrained != (d,):
             transforms.append(dist.transforms.ReshapeTransform((d,), self.unconstrained))
-        support = prior.support
-        if support is not constraints.real and not (
-            isinstance(support, constraints.independent)
-            and support.base_constraint is constraints.real
-        ):
-            transforms.append(biject_to(support))
+        if not _is_real(prior.support):
+            transforms.append(biject_to(prior.support))
         return dist.TransformedDistribution(base, transforms) if transforms else base
+
+    def _flow(self, features: torch.Tensor, prior):
+        d = self.dim
+        base = dist.Normal(features.new_zeros(d), 1.0, validate_args=False)
+        base = base.expand(features.shape[:-1] + (d,)).to_event(1)
+        transforms = self.flow.transforms(features)
+        if self.relative:
+            batch = prior.batch_shape
+            mean = prior.mean.detach().reshape(batch + (d,))
+            std = prior.stddev.detach().reshape(batch + (d,))
+            transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
+        if self.unconstrained != (d,):
+            transforms.append(dist.transforms.ReshapeTransform((d,), self.unconstrained))
+        if not _is_real(prior.support):
+            transforms.append(biject_to(prior.support))
+        return dist.TransformedDistribution(base, transforms)
 
     def embed_value(self, value: torch.Tensor, prior, dtype) -> torch.Tensor:
         """``v_a(z)``: shape ``batch + (value_dim,)``."""
@@ -196,6 +216,13 @@ def _broadcast(a: tuple, b: tuple) -> torch.Size:
     return torch.Size(x if y == 1 else y for x, y in zip(a, b, strict=True))
 
 
+def _is_real(support) -> bool:
+    """The real line or real vectors: the proposal needs no bijection."""
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
+
+
 def _has_bijection(support) -> bool:
     try:
         biject_to(support)
@@ -206,14 +233,7 @@ def _has_bijection(support) -> bool:
 
 def _relative_to_prior(fn) -> bool:
     """A real-line prior with finite mean and standard deviation (checked once, at creation)."""
-    support = fn.support
-    if not (
-        support is constraints.real
-        or (
-            isinstance(support, constraints.independent)
-            and support.base_constraint is constraints.real
-        )
-    ):
+    if not _is_real(fn.support):
         return False
     try:
         mean, std = fn.mean, fn.stddev
@@ -332,6 +352,11 @@ class AutoAmortizedProposal(nn.Module):
     :param int value_dim: size of the value embeddings.
     :param int num_components: Normal components of the proposal at continuous sites (1: a
         Normal; more: a mixture of Normals), on the unconstrained space.
+    :param str continuous: the proposal at continuous sites: ``"normal"`` (a Normal or a
+        mixture of ``num_components`` Normals) or ``"flow"`` (the conditional flow of
+        :class:`~pyro_rws.AutoAmortizedFlow`: a spline for a scalar site, a masked autoregressive
+        flow for a vector), on the unconstrained space, relative to the prior where its support
+        is the real line.
     :param callable observations_from: ``(*args, **kwargs) -> {site: value}``, the observed
         values for a call without ``observations=`` (by default read from a hidden run of the
         model).
@@ -355,6 +380,7 @@ class AutoAmortizedProposal(nn.Module):
         address_dim: int = 16,
         value_dim: int = 16,
         num_components: int = 1,
+        continuous: str = "normal",
         observations_from: Callable | None = None,
         num_standardize: int = 100,
         name: str = "AutoAmortizedProposal",
@@ -364,6 +390,9 @@ class AutoAmortizedProposal(nn.Module):
         self.embedding_net = embedding_net
         self.hidden_dim, self.address_dim = int(hidden_dim), int(address_dim)
         self.value_dim, self.num_components = int(value_dim), int(num_components)
+        if continuous not in ("normal", "flow"):
+            raise ValueError(f"continuous must be 'normal' or 'flow', got {continuous!r}")
+        self.continuous = continuous
         self.observations_from = observations_from
         self.num_standardize = int(num_standardize)
         self.name = name
@@ -505,6 +534,7 @@ class AutoAmortizedProposal(nn.Module):
                 self.address_dim,
                 self.value_dim,
                 self.num_components,
+                self.continuous == "flow",
             ).to(device=embedding.device, dtype=embedding.dtype)
             self.heads[key] = head
             if head.kind == "prior":
