@@ -202,3 +202,27 @@ def test_errors():
         AutoAmortizedFlow(conjugate, num_transforms=0)
     with pytest.raises(ValueError, match=r"\['y'\] are not sites"):
         AutoAmortizedFlow(conjugate, observed=["y"])(torch.zeros(2, 2))
+
+
+def test_fit_guide_on_simulations_and_torch_module():
+    import pyro_rws
+
+    def model(x=None):
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        return pyro.sample("x", dist.Normal(theta, 0.5).to_event(1), obs=x)
+
+    sims = pyro_rws.simulate(model, 300, observed=("x",), seed=0, progress=False)
+    guide = AutoAmortizedFlow(model, num_transforms=2, hidden_dims=[16])
+    guide.standardize(sims)
+    assert torch.allclose(guide.flow("theta").loc, sims.latents["theta"].mean(0))
+    history = pyro_rws.fit_guide(model, guide, sims, max_epochs=3, progress=False)
+    assert history.epochs == 3 and all(math.isfinite(v) for v in history.train_loss)
+    assert guide(observations={"x": torch.zeros(5, 2)})["theta"].shape == (5, 2)
+    # the sleep phase as a plain torch module: the guide's parameters are module parameters
+    loss_fn = SleepPhaseLoss(num_particles=8)(model, guide)
+    optim = torch.optim.Adam(loss_fn.parameters(), lr=1e-3)
+    assert any(p is q for p in loss_fn.parameters() for q in guide.parameters())
+    loss = loss_fn(torch.zeros(2))
+    loss.backward()
+    optim.step()
+    assert math.isfinite(float(loss.detach()))
