@@ -20,7 +20,7 @@ import torch
 from conjugate import data, fixed_model, guide
 from discrete import FixFantasies
 
-from pyro_rws import Simulations, SleepPhaseLoss, fit_guide, simulate
+from pyro_rws import Simulations, SleepPhaseLoss, fit_guide, importance_posterior, simulate
 from pyro_rws.posterior import sleep_loss
 from pyro_rws.simulation import _derived_seed
 
@@ -505,3 +505,25 @@ def test_real_sbibm_tasks(name):
     assert x.shape[1] == task.dim_data and sims.values["parameters"].shape[1:] == (
         task.dim_parameters,
     )
+    # sleep-phi loss of a guide that proposes from the prior: -mean log prior(theta_i)
+    prior_dist = task.get_prior_dist()
+
+    def prior_guide(observations=None):
+        pyro.sample("parameters", prior_dist)
+
+    expected = -prior_dist.log_prob(sims.values["parameters"]).mean()
+    assert torch.allclose(sleep_loss(model, prior_guide, sims), expected.to(torch.float64))
+    # reweighting the prior's samples for observation 1 (none possible for two_moons' data)
+    x_o = task.get_observation(1).reshape((1,) + sims.shapes["data"])
+    if name == "two_moons":
+        with pytest.warns(UserWarning, match="cannot reweight"):
+            post = importance_posterior(
+                model, prior_guide, observations={"data": x_o}, num_particles=500
+            )
+        assert not post.reweighted
+    else:
+        post = importance_posterior(
+            model, prior_guide, observations={"data": x_o}, num_particles=2000
+        )
+        assert post.reweighted and torch.isfinite(post.log_evidence)
+    assert post.sample(10)["parameters"].shape == (10, task.dim_parameters)
