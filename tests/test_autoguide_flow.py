@@ -226,3 +226,20 @@ def test_fit_guide_on_simulations_and_torch_module():
     loss.backward()
     optim.step()
     assert math.isfinite(float(loss.detach()))
+
+
+def test_log_prob_is_one_network_pass_per_layer():
+    guide = AutoAmortizedFlow(conjugate, num_transforms=3, hidden_dims=[8])
+    x = torch.randn(4, 2)
+    guide(x)
+    calls = []
+    for layer in guide.flow("theta").layers:
+        layer.nn.register_forward_hook(lambda *_: calls.append(1))
+    theta = torch.randn(4, 2)
+    trace = poutine.trace(poutine.condition(guide, data={"theta": theta})).get_trace(x)
+    calls.clear()
+    trace.nodes["theta"]["fn"].log_prob(theta)
+    assert len(calls) == 3  # scoring a given value: one pass per layer (MAF direction)
+    calls.clear()
+    guide(x)
+    assert len(calls) == 3 * 2  # sampling: D = 2 passes per layer
