@@ -374,6 +374,19 @@ class _StandIn:
                 pyro.sample(s.name, fn)
 
 
+def _keyword_placeholders(simulations: Simulations, kwargs: dict) -> dict:
+    """
+    For an observation recorded as the fantasy of an unset keyword of the model (``x=None``), a
+    placeholder in that keyword, so the sleep phase routes the stored value there.
+    """
+    runs = [(simulations.sites, simulations.values)] if simulations.values is not None else []
+    for sites, values in runs or simulations.runs:
+        for s in sites:
+            if s.observed and isinstance(s.obs_slot, str) and kwargs.get(s.obs_slot) is None:
+                kwargs = {**kwargs, s.obs_slot: values[s.name].new_empty(0)}
+    return kwargs
+
+
 def sleep_loss(
     model: Callable,
     guide: Callable,
@@ -395,6 +408,7 @@ def sleep_loss(
     if not args and not kwargs:
         args, kwargs = simulations.args, simulations.kwargs
     state = SleepState() if _state is None else _state
+    kwargs = _keyword_placeholders(simulations, kwargs)
     options = dict(plate_nesting=simulations.plate_nesting, fantasy_args=fantasy_args, state=state)
     if simulations.values is not None:
         stand_in = _StandIn(simulations.sites, simulations.values, simulations.plate_nesting)

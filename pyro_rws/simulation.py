@@ -34,6 +34,7 @@ Runs whose sites differ (random structure) are stored run by run.
 
 from __future__ import annotations
 
+import inspect
 import io
 import multiprocessing
 import numbers
@@ -97,21 +98,45 @@ def _obs_slot(obs, args, kwargs):
     return next((k for k, v in kwargs.items() if v is obs), None)
 
 
-def _sites(trace, observed: frozenset, args, kwargs) -> tuple[Site, ...]:
-    sites = []
+def _keywords(model: Callable) -> frozenset:
+    """The model's keyword parameters (of ``forward`` for a module)."""
+    fn = model.forward if isinstance(model, torch.nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(p.name for p in params if p.kind in kinds)
+
+
+def _sites(trace, job: _Job) -> tuple[Site, ...]:
+    """
+    The sites of one run. An observation named in ``observed=`` that has no ``obs=`` but the
+    name of a keyword parameter of the model left unset (Pyro's ``def model(x=None)``) is
+    recorded as the fantasy of that keyword, so the guide receives it there.
+    """
+    args, kwargs, sites = job.args, job.kwargs, []
     for name, site in trace.nodes.items():
         if not is_sample(site):
             continue
         was_observed = bool(site["infer"].get("was_observed"))
+        slot = _obs_slot(site["infer"].get("obs"), args, kwargs) if was_observed else None
+        if (
+            not was_observed
+            and name in job.observed
+            and name in job.keywords
+            and kwargs.get(name) is None
+        ):
+            slot = name
         sites.append(
             Site(
                 name,
-                was_observed or name in observed,
+                was_observed or name in job.observed,
                 is_deterministic(site),
                 int(site["fn"].event_dim),
                 tuple(site["value"].shape),
                 plate_frames(site),
-                _obs_slot(site["infer"].get("obs"), args, kwargs) if was_observed else None,
+                slot,
             )
         )
     return tuple(sites)
@@ -194,6 +219,7 @@ class _Job:
     nesting: int = 0
     sites: tuple = ()
     tails: dict = field(default_factory=dict)
+    keywords: frozenset = frozenset()
 
 
 @torch.no_grad()
@@ -211,7 +237,7 @@ def _run_chunk(job: _Job, k: int):
             _set_seed(_derived_seed(job.seed, 1, i))
             trace = _trace(model, job.args, job.kwargs)
             reject_factors(trace, "simulate", "Write the factor as an observed sample site.")
-            sites = _sites(trace, job.observed, job.args, job.kwargs)
+            sites = _sites(trace, job)
             out.append((sites, {s.name: trace.nodes[s.name]["value"].detach() for s in sites}))
         return out
     _set_seed(_derived_seed(job.seed, 0, k))
@@ -315,6 +341,7 @@ def simulate(
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     job = _Job(model, args, dict(kwargs), observed, n, chunk_size, int(seed))
+    job.keywords = _keywords(model)
     try:
         # one run to learn the structure (seeded like simulation 0 when run alone)
         ((sites, _),) = _run_chunk(replace(job, num_simulations=1, chunk_size=1), 0)

@@ -151,6 +151,13 @@ def test_workers_do_not_change_the_simulations(vectorize):
     assert one.mode == ("plate" if vectorize else "runs")
 
 
+def test_progress_bar_on_request_and_off_without_a_terminal(capsys):
+    simulate(fixed_model, 5, data(), chunk_size=2, seed=0)  # stderr is no terminal here
+    assert capsys.readouterr().err == ""
+    simulate(fixed_model, 5, data(), chunk_size=2, seed=0, progress=True)
+    assert "simulate" in capsys.readouterr().err
+
+
 def test_one_run_per_simulation_does_not_depend_on_chunks():
     x = data()
     a = simulate(fixed_model, 7, x, chunk_size=2, seed=3, vectorize=False)
@@ -379,6 +386,27 @@ def test_sleep_loss_per_simulation_for_a_guide_that_does_not_broadcast():
     assert torch.allclose(actual.detach(), expected.detach(), rtol=1e-12)
     for name, grad in param_grads().items():
         assert torch.allclose(grad, expected_grads[name], rtol=1e-12), name
+
+
+def test_pyro_style_model_with_data_keyword():
+    """def model(x=None): simulate names x observed; the guide receives it as its x."""
+
+    def model(x=None):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 4):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x=None):
+        a = pyro.param("a", torch.tensor(0.4))
+        pyro.sample("z", dist.Normal(a * x.sum(-1, keepdim=True), 1.0))
+
+    sims = simulate(model, 20, observed=("x",), seed=0)
+    assert sims.sites[1].obs_slot == "x" and sims.shapes == {"z": (1,), "x": (4,)}
+    z, x = sims.values["z"], sims.values["x"]
+    expected = -dist.Normal(0.4 * x.sum(-1, keepdim=True), 1.0).log_prob(z).mean()
+    assert torch.allclose(sleep_loss(model, guide, sims), expected)
+    history = fit_guide(model, guide, sims, max_epochs=2, progress=False)
+    assert history.epochs == 2
 
 
 @pytest.mark.filterwarnings(SLCP_WARNING)
