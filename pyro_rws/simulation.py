@@ -285,8 +285,30 @@ def _later_chunk(job: _Job, k: int):
 
 def _work(k: int) -> bytes:
     buffer = io.BytesIO()
-    torch.save(_later_chunk(_WORKER_JOB, k), buffer)
+    torch.save(_later_chunk(_WORKER_JOB, k) if k else _run_chunk(_WORKER_JOB, k), buffer)
     return buffer.getvalue()
+
+
+def _run_chunks(job: _Job, first: int, num_workers: int, bar) -> list:
+    """Chunks ``first, first + 1, ...`` in this process or in worker processes, in order."""
+    num_chunks = -(-job.num_simulations // job.chunk_size)
+    size = lambda k: min(job.chunk_size, job.num_simulations - k * job.chunk_size)  # noqa: E731
+    chunks = []
+    if num_workers == 1 or num_chunks - first <= 1:
+        for k in range(first, num_chunks):
+            chunks.append(_later_chunk(job, k) if k else _run_chunk(job, k))
+            bar.update(size(k))
+        return chunks
+    # fork (the model need not pickle) unless CUDA is initialized (unsafe to fork)
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    fork = fork and not (torch.cuda.is_available() and torch.cuda.is_initialized())
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    with context.Pool(num_workers, _init_worker, (job,)) as pool:
+        for k, data in enumerate(pool.imap(_work, range(first, num_chunks)), first):
+            # our own workers' results (with Site records): not a file from elsewhere
+            chunks.append(torch.load(io.BytesIO(data), weights_only=False))
+            bar.update(size(k))
+    return chunks
 
 
 def _bar(total: int, show: bool | None, desc: str, unit: str):
@@ -322,7 +344,9 @@ def simulate(
     :param int num_workers: worker processes (forked; the model need not be picklable where
         fork is available). Each chunk is seeded by its index, so the result does not depend on
         the number of workers.
-    :param int chunk_size: simulations per vectorized run, and per task of a worker.
+    :param int chunk_size: simulations per vectorized run, and per task of a worker (run one
+        by one, the simulations go out in pieces of at most ``chunk_size``, small enough to
+        keep every worker busy).
     :param int seed: base seed of the simulations (drawn from torch's generator if omitted,
         so ``pyro.set_rng_seed`` before the call also fixes them). The global random state is
         left as it was.
@@ -343,57 +367,44 @@ def simulate(
     job = _Job(model, args, dict(kwargs), observed, n, chunk_size, int(seed))
     job.keywords = _keywords(model)
     try:
-        # one run to learn the structure (seeded like simulation 0 when run alone)
-        ((sites, _),) = _run_chunk(replace(job, num_simulations=1, chunk_size=1), 0)
-        _check_sites(sites, observed)
-        nesting = max_plate_nesting
-        if nesting is None:
-            dims = [f.dim for s in sites for f in s.frames if f.vectorized]
-            nesting = -min(dims) if dims else 0
-        job.sites, job.nesting = sites, check_count("max_plate_nesting", nesting, 0)
-        first, reasons = None, []
-        for mode in ("plate", "leading") if vectorize else ():
-            tails = _tails(sites, mode, job.nesting)
-            if tails is None:
-                reasons.append(f"{mode}: the site shapes do not fit")
-                continue
-            job.mode, job.tails = mode, tails
-            try:
-                first = _run_chunk(job, 0)
-                break
-            except _Unvectorizable as e:
-                reasons.append(f"{mode}: {e}")
-        if first is None:
-            job.mode = "runs"
-            if vectorize:
-                warnings.warn(
-                    "simulate runs the model once per simulation (slow): it could not be run "
-                    "vectorized (" + "; ".join(reasons) + "). Pass vectorize=False to say so "
-                    "and silence this warning.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            first = _run_chunk(job, 0)
-        if job.mode == "leading":
-            job.nesting = 0
-        chunks = [first]
-        num_chunks = -(-n // chunk_size)
         with _bar(n, progress, "simulate", "sim") as bar:
-            bar.update(min(chunk_size, n))
-            if num_workers == 1 or num_chunks == 1:
-                for k in range(1, num_chunks):
-                    chunks.append(_later_chunk(job, k))
-                    bar.update(min(chunk_size, n - k * chunk_size))
+            # one run to learn the structure (seeded like simulation 0 when run alone)
+            ((sites, _),) = _run_chunk(replace(job, num_simulations=1, chunk_size=1), 0)
+            _check_sites(sites, observed)
+            nesting = max_plate_nesting
+            if nesting is None:
+                dims = [f.dim for s in sites for f in s.frames if f.vectorized]
+                nesting = -min(dims) if dims else 0
+            job.sites, job.nesting = sites, check_count("max_plate_nesting", nesting, 0)
+            chunks, reasons = [], []
+            for mode in ("plate", "leading") if vectorize else ():
+                tails = _tails(sites, mode, job.nesting)
+                if tails is None:
+                    reasons.append(f"{mode}: the site shapes do not fit")
+                    continue
+                job.mode, job.tails = mode, tails
+                try:
+                    chunks.append(_run_chunk(job, 0))
+                    break
+                except _Unvectorizable as e:
+                    reasons.append(f"{mode}: {e}")
+            if chunks:
+                bar.update(min(chunk_size, n))
+                job.nesting = 0 if job.mode == "leading" else job.nesting
             else:
-                # fork (the model need not pickle) unless CUDA is initialized (unsafe to fork)
-                fork = "fork" in multiprocessing.get_all_start_methods()
-                fork = fork and not (torch.cuda.is_available() and torch.cuda.is_initialized())
-                context = multiprocessing.get_context("fork" if fork else "spawn")
-                with context.Pool(num_workers, _init_worker, (job,)) as pool:
-                    for k, data in enumerate(pool.imap(_work, range(1, num_chunks)), 1):
-                        # our own workers' results (with Site records): not a file from elsewhere
-                        chunks.append(torch.load(io.BytesIO(data), weights_only=False))
-                        bar.update(min(chunk_size, n - k * chunk_size))
+                job.mode = "runs"
+                if vectorize:
+                    warnings.warn(
+                        "simulate runs the model once per simulation (slow): it could not be "
+                        "run vectorized (" + "; ".join(reasons) + "). Pass vectorize=False to "
+                        "say so and silence this warning.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                # one run per simulation does not depend on the chunks: pieces small enough to
+                # keep every worker busy and the progress bar moving
+                job.chunk_size = max(1, min(chunk_size, -(-n // (8 * num_workers))))
+            chunks += _run_chunks(job, len(chunks), num_workers, bar)
     finally:
         set_rng_state(rng)
     return _assemble(job, chunks)
