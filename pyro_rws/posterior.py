@@ -65,7 +65,7 @@ from ._structure import (
     plate_frames,
 )
 from ._traces import SampleTrace, _cuda_devices, guess_plate_nesting, in_particle_plate, wake_traces
-from ._weights import _batch_plates, effective_sample_size, log_weights
+from ._weights import _batch_plates, check_finite_bound, effective_sample_size, log_weights
 from .simulation import Simulations, _bar
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +129,11 @@ class ImportancePosterior:
         num_samples = check_count("num_samples", num_samples, 1)
         if self.latents is None:
             raise ValueError("sample needs the particles: call with keep_particles=True")
+        if self._batch_dims is None:
+            raise ValueError(
+                "sample resamples along vectorized plates only, and the weights lie in a "
+                "sequential plate (pyro.plate used as an iterator): vectorize that plate"
+            )
         K = self.num_particles
         batch = self.log_weights.shape[1:]
         probs = self.log_weights.exp().reshape(K, -1).T  # (M, K)
@@ -275,15 +280,12 @@ def importance_posterior(
             total = chunk if total is None else torch.logaddexp(total, chunk)
             guide_trace = runs[0][1]
             if start == 0:
-                frames, _ = _batch_plates(runs, True, _SUBSAMPLE_REMEDY)
-                if any(not f.vectorized for f in frames.values()):
-                    raise ValueError(
-                        "importance_posterior needs vectorized (not sequential) "
-                        "plates around its sites"
-                    )
-                batch_dims = tuple(
-                    max_plate_nesting + f.dim for f in sorted(frames.values(), key=lambda f: f.dim)
-                )
+                frames = sorted(_batch_plates(runs, True, _SUBSAMPLE_REMEDY)[0].values(), key=str)
+                if all(f.vectorized for f in frames):  # else sample() says it cannot
+                    frames = sorted(frames, key=lambda f: f.dim)
+                    batch_dims = tuple(max_plate_nesting + f.dim for f in frames)
+                else:
+                    batch_dims = None
         else:
             fn = in_particle_plate(guide, size, max_plate_nesting)
             guide_trace = SampleTrace(detach=True)(fn).get_trace(*args, **kwargs)
@@ -302,6 +304,8 @@ def importance_posterior(
     lw = torch.cat(chunks)
     normalized = lw - torch.logsumexp(lw, 0)
     log_evidence = None if total is None else total - math.log(K)
+    if log_evidence is not None:
+        check_finite_bound(log_evidence, lw)  # with validation on: a clear error if all w = 0
     latents = {n: torch.cat(v) for n, v in latents.items()} if keep_particles else None
     return ImportancePosterior(
         latents, normalized, log_evidence, reason is None, reason, batch_dims

@@ -112,6 +112,12 @@ def test_simulator_without_likelihood_samples_the_guide():
     assert abs(float(theta.mean()) - 0.5) < 5 * 0.1 / 1000**0.5 * 2
 
 
+def test_zero_weights_are_an_error():
+    x = torch.tensor([0.0, math.inf])  # density 0 for every particle
+    with pytest.raises(ValueError, match="zero importance weight"):
+        importance_posterior(global_model, wide_guide, x, num_particles=10)
+
+
 def test_keep_particles_false():
     post = importance_posterior(
         global_model, wide_guide, data(), num_particles=100, keep_particles=False
