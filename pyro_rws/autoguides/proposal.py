@@ -54,6 +54,7 @@ from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.subsample_messenger import SubsampleMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to, constraints
@@ -331,8 +332,9 @@ class AutoAmortizedProposal(nn.Module):
             svi.step(placeholder)   # the guide sees fantasies in place of the data
 
     It is called with the model's arguments (and, optionally, ``observations={site: value}``)
-    and registers itself with :func:`pyro.module`, so a :mod:`pyro.optim` optimizer trains the
-    parameters of every address, including those created on later steps. With a plain
+    and registers itself with :func:`pyro.module` under SVI's parameter capture, so a
+    :mod:`pyro.optim` optimizer trains the parameters of every address, including those created
+    on later steps. With a plain
     :mod:`torch.optim` optimizer, create the addresses first, ``guide.prepare(*args)`` (runs the
     guide on simulations from the model), then build the optimizer on
     ``guide.parameters()``; an address first met after :meth:`prepare` is passed to
@@ -433,10 +435,13 @@ class AutoAmortizedProposal(nn.Module):
 
     def _register(self) -> None:
         """
-        :func:`pyro.module` of the guide, with its parameter names cached: each parameter is
-        passed to :func:`pyro.param` (so that SVI's optimizer sees it); if the param store holds
-        another tensor under a name (a loaded store), ``pyro.module`` loads it into the guide.
+        :func:`pyro.module` of the guide when SVI captures parameters (a param-only trace is
+        on the stack), so that its optimizer sees every parameter, with the parameter names
+        cached; if the param store holds another tensor under a name (a loaded store),
+        ``pyro.module`` loads it into the guide.
         """
+        if not any(isinstance(h, TraceMessenger) and h.param_only for h in _PYRO_STACK):
+            return
         key = (len(self.heads), self.lstm is not None)
         if self._params is None or self._params[0] != key:
             named = self.named_parameters()
