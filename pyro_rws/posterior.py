@@ -485,11 +485,11 @@ def fit_guide(
 
     The guide is called as the sleep phase calls it (see :func:`sleep_loss`), with the
     arguments the model was simulated with (``*args``, ``**kwargs``; by default those that
-    :func:`simulate` was given, :attr:`Simulations.args`). Its parameters are those
-    it creates with ``pyro.param``/``pyro.module`` (found by running it once), and those of the
-    guide itself if it is a :class:`torch.nn.Module` (or a method of one).
+    :func:`~pyro_rws.simulate` was given, :attr:`~pyro_rws.Simulations.args`). Its parameters
+    are those it creates with ``pyro.param``/``pyro.module`` (found by running it once), and
+    those of the guide itself if it is a :class:`torch.nn.Module` (or a method of one).
 
-    :param Simulations simulations: from :func:`simulate`.
+    :param Simulations simulations: from :func:`~pyro_rws.simulate`.
     :param int batch_size: simulations per gradient step.
     :param float learning_rate: Adam's learning rate.
     :param float validation_fraction: the part held out for early stopping (0: none; then

@@ -330,7 +330,7 @@ def simulate(
 ) -> Simulations:
     r"""
     Run ``model(*args, **kwargs)`` forward ``num_simulations`` times and keep every sample site:
-    a simulation budget for :func:`fit_guide`, as ``sbi``'s ``simulate_for_sbi``.
+    a simulation budget for :func:`~pyro_rws.fit_guide`, as ``sbi``'s ``simulate_for_sbi``.
 
     Every ``obs=`` site is sampled instead of observed, as in the sleep phase. A site counts as
     *observed* (the data ``x`` the guide is conditioned on) if it has ``obs=`` in the model or
@@ -472,7 +472,7 @@ class Simulations(torch.utils.data.Dataset):
     :ivar int plate_nesting: the particle plate's dim is ``-(plate_nesting + 1)``.
     :ivar int seed: the base seed of :func:`simulate`.
     :ivar tuple args: the model's arguments in :func:`simulate` (with :attr:`kwargs`; not
-        saved by :meth:`save`): :func:`fit_guide`'s default.
+        saved by :meth:`save`): :func:`~pyro_rws.fit_guide`'s default.
     """
 
     def __init__(
