@@ -4,14 +4,14 @@ r"""
 Posteriors from simulations: the guide fitted to them (neural posterior estimation), and its
 samples reweighted for an observation (importance sampling).
 
-**Fitting.** :func:`fit_guide` fits the guide to exactly the pairs :math:`(z_i, x_i)` of
+**Fitting.** :func:`~pyro_rws.fit_guide` fits the guide to exactly the pairs :math:`(z_i, x_i)` of
 :class:`~pyro_rws.Simulations` by the sleep-phi loss of :class:`~pyro_rws.SleepPhaseLoss`,
 
 .. math:: \mathcal{L}_\phi = -\frac{1}{B} \sum_{i \in \text{batch}} \log q_\phi(z_i | x_i),
 
 by epochs over minibatches with early stopping on a validation part (neural posterior
 estimation, as in ``sbi``). The minibatch sits in a particle plate of size ``B`` and the guide
-is called and replayed by the sleep phase's own code (:func:`pyro_rws._sleep.sleep_traces`); the
+is called and replayed by the sleep phase's own code (``pyro_rws._sleep.sleep_traces``); the
 model is not run: its recorded structure, with the stored values, stands in for it.
 
 **Reweighting.** For particles :math:`z^k \sim q(z | x)`, :math:`k = 1..K`, the
@@ -24,8 +24,8 @@ as :math:`K \to \infty` whatever the guide (whose support must cover the posteri
 :math:`\log \frac1K \sum_k w_k` estimates :math:`\log p(x)` (a lower bound in expectation, the
 number :func:`~pyro_rws.log_evidence` returns for the same particles) and Kish's effective
 sample size :math:`1 / \sum_k \bar w_k^2` says how many independent posterior draws the
-particles are worth. :meth:`ImportancePosterior.sample` resamples them (multinomially, with
-replacement) into unweighted posterior draws.
+particles are worth. :meth:`~pyro_rws.ImportancePosterior.sample` resamples them
+(multinomially, with replacement) into unweighted posterior draws.
 
 Particles are drawn ``chunk_size`` at a time, as :func:`~pyro_rws.log_evidence` draws them
 (the same weights for the same seed and chunk size); the latents of every chunk are kept for
@@ -35,7 +35,7 @@ float64), the per-chunk traces are not. ``keep_particles=False`` keeps the weigh
 A model whose observed site has no density (``pyro.deterministic``, a ``Delta``, or a
 distribution without ``log_prob``: a simulator whose data are a deterministic function of its
 noise) has no importance weights: the guide's samples are then returned unweighted, with a
-warning, :attr:`ImportancePosterior.reweighted` False and :attr:`~ImportancePosterior.reason`
+warning, ``reweighted`` False and ``reason``
 saying why; its evidence and effective sample size raise an error.
 """
 
@@ -79,7 +79,7 @@ _SUBSAMPLE_REMEDY = (
 
 class ImportancePosterior:
     """
-    Weighted particles from :func:`importance_posterior`.
+    Weighted particles from :func:`~pyro_rws.importance_posterior`.
 
     :ivar dict latents: ``{site: (K, *shape)}``, the guide's particles of every latent site, the
         particle dim first (as in the vectorized losses), or None with ``keep_particles=False``.
@@ -228,7 +228,8 @@ def importance_posterior(
     :param int chunk_size: particles per vectorized run (memory for traces).
     :param dict observations: ``{site: value}`` to condition the model on
         (``poutine.condition``), also passed to a guide with an ``observations`` keyword.
-    :param bool keep_particles: keep the latents of every particle (for :meth:`sample`).
+    :param bool keep_particles: keep the latents of every particle (for
+        :meth:`~pyro_rws.ImportancePosterior.sample`).
     :param int max_plate_nesting: nested plates (guessed from one run of the model).
     :rtype: ImportancePosterior
     """
@@ -397,7 +398,6 @@ def sleep_loss(
     simulations: Simulations,
     *args,
     fantasy_args=None,
-    _state: SleepState | None = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""
@@ -406,12 +406,16 @@ def sleep_loss(
     fantasies equal to them (the guide is called with the stored observations as the sleep
     phase calls it, see ``fantasy_args``, and scored at the stored latents, all ``B`` in one
     particle plate). ``*args`` and ``**kwargs`` are those the model was simulated with (by
-    default :attr:`Simulations.args`). The model itself is not run (its recorded structure
+    default ``simulations.args``). The model itself is not run (its recorded structure
     stands in for it).
     """
+    return _sleep_loss(model, guide, simulations, args, kwargs, fantasy_args, SleepState())
+
+
+def _sleep_loss(model, guide, simulations, args, kwargs, fantasy_args, state) -> torch.Tensor:
+    """:func:`sleep_loss` with the sleep phase's state kept by the caller (:func:`fit_guide`)."""
     if not args and not kwargs:
         args, kwargs = simulations.args, simulations.kwargs
-    state = SleepState() if _state is None else _state
     kwargs = _keyword_placeholders(simulations, kwargs)
     options = dict(plate_nesting=simulations.plate_nesting, fantasy_args=fantasy_args, state=state)
     if simulations.values is not None:
@@ -434,7 +438,7 @@ def sleep_loss(
 
 @dataclass
 class FitHistory:
-    """What :func:`fit_guide` did: the losses per epoch and the epoch whose parameters it kept."""
+    """What :func:`~pyro_rws.fit_guide` did: losses per epoch, the epoch whose weights it kept."""
 
     train_loss: list = field(default_factory=list)
     validation_loss: list = field(default_factory=list)
@@ -483,13 +487,14 @@ def fit_guide(
     part; training stops when it has not improved for ``stop_after_epochs`` epochs, and the
     guide's parameters of the best epoch are restored. The defaults are ``sbi``'s.
 
-    The guide is called as the sleep phase calls it (see :func:`sleep_loss`), with the
-    arguments the model was simulated with (``*args``, ``**kwargs``; by default those that
-    :func:`~pyro_rws.simulate` was given, :attr:`~pyro_rws.Simulations.args`). Its parameters
-    are those it creates with ``pyro.param``/``pyro.module`` (found by running it once), and
-    those of the guide itself if it is a :class:`torch.nn.Module` (or a method of one).
+    The guide is called as the sleep phase calls it (see
+    :func:`~pyro_rws.posterior.sleep_loss`), with the arguments the model was simulated with
+    (``*args``, ``**kwargs``; by default those that :func:`~pyro_rws.simulate` was given,
+    ``simulations.args``). Its parameters are those it creates with ``pyro.param`` or
+    ``pyro.module`` (found by running it once), and those of the guide itself if it is a
+    :class:`torch.nn.Module` (or a method of one).
 
-    :param Simulations simulations: from :func:`~pyro_rws.simulate`.
+    :param ~pyro_rws.Simulations simulations: from :func:`~pyro_rws.simulate`.
     :param int batch_size: simulations per gradient step.
     :param float learning_rate: Adam's learning rate.
     :param float validation_fraction: the part held out for early stopping (0: none; then
@@ -523,9 +528,7 @@ def fit_guide(
     state = SleepState()
 
     def loss_on(part):
-        return sleep_loss(
-            model, guide, part, *args, fantasy_args=fantasy_args, _state=state, **kwargs
-        )
+        return sleep_loss(model, guide, part, args, kwargs, fantasy_args, state)
 
     def mean_loss(part) -> float:
         total = 0.0

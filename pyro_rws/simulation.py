@@ -3,10 +3,11 @@
 r"""
 A simulation budget: pairs :math:`(z_i, x_i) \sim p(z)\,p(x | z)`, drawn once and kept.
 
-:func:`simulate` runs the model forward ``num_simulations`` times, with every ``obs=`` site
-sampled (as the sleep phase does) and the sites named in ``observed=`` counted as data, and
-returns them as :class:`Simulations`, a :class:`torch.utils.data.Dataset`, on which
-:func:`~pyro_rws.fit_guide` (:mod:`pyro_rws.posterior`) fits the guide.
+:func:`~pyro_rws.simulate` runs the model forward ``num_simulations`` times, with every
+``obs=`` site sampled (as the sleep phase does) and the sites named in ``observed=`` counted
+as data, and returns them as :class:`~pyro_rws.Simulations`, a
+:class:`torch.utils.data.Dataset`, on which :func:`~pyro_rws.fit_guide`
+(:mod:`pyro_rws.posterior`) fits the guide.
 
 **How the model is run.** In chunks of ``chunk_size`` simulations, in order of preference:
 
@@ -27,8 +28,9 @@ decides which draws share a run).
 the site's shape inside the particle plate without the particle dim (plates of the model
 kept, as the vectorized losses see it), so that a minibatch of ``B`` simulations sits in a
 particle plate of size ``B`` as ``B`` fantasies of :class:`~pyro_rws.SleepPhaseLoss` do. Each
-site's structure is recorded too (:class:`Site`: plates, event dim, which argument an ``obs=``
-came from), for :func:`~pyro_rws.fit_guide` to score the guide without running the model again.
+site's structure is recorded too (:class:`~pyro_rws.simulation.Site`: plates, event dim,
+which argument an ``obs=`` came from), for :func:`~pyro_rws.fit_guide` to score the guide
+without running the model again.
 Runs whose sites differ (random structure) are stored run by run.
 """
 
@@ -457,21 +459,21 @@ def _assemble(job: _Job, chunks) -> Simulations:
 # --------------------------------------------------------------------------------------------
 class Simulations(torch.utils.data.Dataset):
     """
-    Simulations ``(z_i, x_i)``, as returned by :func:`simulate`: a
+    Simulations ``(z_i, x_i)``, as returned by :func:`~pyro_rws.simulate`: a
     :class:`~torch.utils.data.Dataset` whose item ``i`` is a dict ``{site name: value}`` (so a
     :class:`~torch.utils.data.DataLoader` batches them into ``{site name: (B, *shape)}``).
 
     Sites of a model with fixed structure are stored stacked, one tensor of shape
-    ``(len(self), *shape)`` per site (:attr:`values`, :attr:`latents`,
+    ``(len(self), *shape)`` per site (``values``, :attr:`latents`,
     :attr:`observations`), ``shape`` being the site's shape inside the particle plate of the
     vectorized losses without the particle dim (e.g. ``(10,)`` for sbibm's 10-d data, ``(1,)``
     for a global scalar latent of a model with one plate). Simulations whose sites differ are
-    stored run by run (:attr:`values` is None, :attr:`runs` lists ``(sites, values)``).
+    stored run by run (``values`` is None, ``runs`` lists ``(sites, values)``).
 
     :ivar str mode: how they were run: ``"plate"``, ``"leading"`` or ``"runs"``.
     :ivar int plate_nesting: the particle plate's dim is ``-(plate_nesting + 1)``.
-    :ivar int seed: the base seed of :func:`simulate`.
-    :ivar tuple args: the model's arguments in :func:`simulate` (with :attr:`kwargs`; not
+    :ivar int seed: the base seed of :func:`~pyro_rws.simulate`.
+    :ivar tuple args: the model's arguments in :func:`~pyro_rws.simulate` (with ``kwargs``; not
         saved by :meth:`save`): :func:`~pyro_rws.fit_guide`'s default.
     """
 
@@ -587,7 +589,7 @@ class Simulations(torch.utils.data.Dataset):
         return self._like({name: v.to(*args, **kwargs) for name, v in self.values.items()})
 
     def save(self, path) -> None:
-        """Save to ``path`` (a file or file-like object), for :meth:`load`."""
+        """Save to ``path`` (a file or file-like object), for :meth:`~pyro_rws.Simulations.load`."""
         plain = lambda sites: [s.to_plain() for s in sites]  # noqa: E731
         torch.save(
             {
@@ -603,7 +605,7 @@ class Simulations(torch.utils.data.Dataset):
 
     @classmethod
     def load(cls, path, map_location=None) -> Simulations:
-        """Load simulations saved by :meth:`save` (``torch.load(weights_only=True)``)."""
+        """Load simulations saved by :meth:`~pyro_rws.Simulations.save` (weights only)."""
         d = torch.load(path, map_location=map_location, weights_only=True)
         sites = lambda plain: tuple(Site.from_plain(t) for t in plain)  # noqa: E731
         runs = None if d["runs"] is None else [(sites(s), r) for s, r in d["runs"]]
