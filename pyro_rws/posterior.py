@@ -528,7 +528,7 @@ def fit_guide(
     state = SleepState()
 
     def loss_on(part):
-        return sleep_loss(model, guide, part, args, kwargs, fantasy_args, state)
+        return _sleep_loss(model, guide, part, args, kwargs, fantasy_args, state)
 
     def mean_loss(part) -> float:
         total = 0.0
