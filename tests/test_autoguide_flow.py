@@ -243,3 +243,18 @@ def test_log_prob_is_one_network_pass_per_layer():
     calls.clear()
     guide(x)
     assert len(calls) == 3 * 2  # sampling: D = 2 passes per layer
+
+
+def test_iid_repeats_without_plate_sbibm_style():
+    def model():  # sbibm's slcp: a leading simulation dim of size 1, 4 iid draws as batch dims
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(1, 2), 1.0).to_event(1))
+        loc = theta.unsqueeze(-2).expand(1, 4, 2)
+        return pyro.sample("x", dist.Normal(loc, 1.0).to_event(1))
+
+    guide = AutoAmortizedFlow(model, observed=["x"], num_transforms=1, hidden_dims=[8])
+    x = torch.randn(7, 4, 2)
+    trace = poutine.trace(guide).get_trace(observations={"x": x})
+    assert trace.nodes["theta"]["value"].shape == (7, 2)
+    assert guide.nets["embedding"].shapes["x"] == (8,)
+    theta = torch.randn(7, 2)
+    assert trace.nodes["theta"]["fn"].log_prob(theta).shape == (7,)

@@ -100,3 +100,9 @@ def test_user_embedding_net():
         ObservationEmbedding({"x": (3,)}, nn.Flatten(0))
     with pytest.raises(ValueError, match="at least one observed site"):
         ObservationEmbedding({})
+
+
+def test_datapoints_plate_depth():
+    x = torch.randn(5, 4, 2)  # lead 5, batch (4,) not a plate (iid repeats), event 2
+    assert datapoints(x, batch_dim=1, event_dim=1, plate_dims=[], plate_depth=0).shape == (5, 8)
+    assert datapoints(x, batch_dim=1, event_dim=1, plate_dims=[]).shape == (5, 1, 8)

@@ -52,7 +52,12 @@ _EMBED_FEATURES = 64
 
 
 def datapoints(
-    value: torch.Tensor, *, batch_dim: int, event_dim: int, plate_dims: Sequence[int]
+    value: torch.Tensor,
+    *,
+    batch_dim: int,
+    event_dim: int,
+    plate_dims: Sequence[int],
+    plate_depth: int | None = None,
 ) -> torch.Tensor:
     """
     Cut an observed value into datapoints: ``lead + ones + C + shape``.
@@ -62,15 +67,18 @@ def datapoints(
     own batch dims). ``plate_dims`` are the (negative, Pyro-style) dims of the plates that index
     datapoints, i.e. the plates the guide's latents lie in. ``C`` keeps their sizes at their
     dims and has size 1 at every other dim right of the leftmost of them, and ``ones`` are
-    size-1 dims standing for the batch dims left of ``C``, so that ``lead + ones + C``
-    broadcasts like the batch shape of a sample site in those plates (``lead`` keeps its
-    position relative to the model's plates). ``shape`` is ``event`` if the value has no
+    size-1 dims standing for the plate dims of the value left of ``C`` (``plate_depth - len(C)``
+    of them; ``plate_depth``, the depth of the value's deepest plate, defaults to
+    ``batch_dim``), so that ``lead + ones + C`` broadcasts like the batch shape of a sample
+    site in the plates ``plate_dims`` (``lead`` keeps its position relative to the model's
+    plates: particle dims sit left of every plate). ``shape`` is ``event`` if the value has no
     other batch dims, else every other batch dim and the event flattened into one dim.
 
     :param torch.Tensor value: the observed value.
     :param int batch_dim: number of batch dims of the observation in the model.
     :param int event_dim: number of event dims of the observation in the model.
     :param plate_dims: dims of the datapoint plates (each ``< 0``).
+    :param int plate_depth: ``-dim`` of the value's leftmost plate (0: no plate).
     """
     lead = value.dim() - batch_dim - event_dim
     if lead < 0:
@@ -89,7 +97,8 @@ def datapoints(
     keep = sorted(first + d for d in plate_dims)
     others = [i for i in range(lead, first) if i not in keep]
     c_shape = tuple(value.shape[first + d] if d in plate_dims else 1 for d in range(-n_c, 0))
-    lead_shape = tuple(value.shape[:lead]) + (1,) * (batch_dim - n_c)
+    depth = batch_dim if plate_depth is None else min(plate_depth, batch_dim)
+    lead_shape = tuple(value.shape[:lead]) + (1,) * max(depth - n_c, 0)
     if not others:
         return value.reshape(lead_shape + c_shape + tuple(value.shape[first:]))
     flat = math.prod(value.shape[i] for i in others) * math.prod(value.shape[first:])

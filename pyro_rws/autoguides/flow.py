@@ -253,10 +253,16 @@ class AutoAmortizedFlow(AutoGuide):
             n_c = max((-d for d in plate_dims), default=0)
             while len(batch) > n_c and batch[0] == 1:
                 batch = batch[1:]
-            layout = dict(batch_dim=len(batch), event_dim=fn.event_dim, plate_dims=plate_dims)
+            depth = max((-f.dim for f in site["cond_indep_stack"] if f.vectorized), default=0)
+            layout = dict(
+                batch_dim=len(batch),
+                event_dim=fn.event_dim,
+                plate_dims=plate_dims,
+                plate_depth=depth,
+            )
             proto = datapoints(torch.zeros(batch + tuple(fn.event_shape)), **layout)
             self._layout[name] = layout
-            shapes[name] = proto.shape[layout["batch_dim"] :]
+            shapes[name] = proto.shape[max(min(depth, len(batch)), n_c) :]
             if site["is_observed"]:
                 value = site["value"]
                 slots = [i for i, a in enumerate(args) if a is value]
