@@ -83,7 +83,14 @@ class _ConditionalAffine(ConditionalTransformModule):
 class _SiteFlow(nn.Module):
     """The conditional flow of one latent site, with its standardization buffers."""
 
-    def __init__(self, dim: int, context_dim: int, num_transforms: int, hidden_dims: list[int]):
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_transforms: int,
+        hidden_dims: list[int],
+        log_scale_clip: tuple[float, float],
+    ):
         super().__init__()
         hidden = list(hidden_dims)
         self.dim = dim
@@ -99,7 +106,9 @@ class _SiteFlow(nn.Module):
         else:
             self.layers = nn.ModuleList(
                 ConditionalAffineAutoregressive(
-                    ConditionalAutoRegressiveNN(dim, context_dim, hidden, nonlinearity=nn.Tanh())
+                    ConditionalAutoRegressiveNN(dim, context_dim, hidden, nonlinearity=nn.Tanh()),
+                    log_scale_min_clip=log_scale_clip[0],
+                    log_scale_max_clip=log_scale_clip[1],
                 )
                 for _ in range(num_transforms)
             )
@@ -171,6 +180,10 @@ class AutoAmortizedFlow(AutoGuide):
     :param hidden_dims: widths of the hidden layers of each layer's network. The default, three
         layers of 50, matches ``sbi``'s default MAF (``hidden_features=50``, whose MADE has an
         input layer and two hidden blocks): about the same number of weights.
+    :param log_scale_clip: bounds of each MAF layer's log-scale. Pyro's default, (-5, 3), caps
+        a layer's stretch at e^3: on two moons (10^3 simulations) the best validation loss was
+        -1.44 nats with it, -1.85 with (-8, 8) (sbi's MAF, whose scale is a softplus without an
+        upper bound: -2.36).
     :param observed: names of sites to treat as observations even where the model samples them
         (a model called without data); by default, the sites the model observes.
     """
@@ -188,6 +201,7 @@ class AutoAmortizedFlow(AutoGuide):
         embedding_net: nn.Module | None = None,
         num_transforms: int = 5,
         hidden_dims: Sequence[int] = (50, 50, 50),
+        log_scale_clip: tuple[float, float] = (-8.0, 8.0),
         observed: Sequence[str] | None = None,
     ):
         hidden_dims = list(hidden_dims)
@@ -200,7 +214,14 @@ class AutoAmortizedFlow(AutoGuide):
         if isinstance(observed, str):
             observed = [observed]
         super().__init__(model)
-        self._options = dict(num_transforms=num_transforms, hidden_dims=hidden_dims)
+        low, high = (float(c) for c in log_scale_clip)
+        if not low < high:
+            raise ValueError(
+                f"log_scale_clip must be (low, high) with low < high, got {log_scale_clip}"
+            )
+        self._options = dict(
+            num_transforms=num_transforms, hidden_dims=hidden_dims, log_scale_clip=(low, high)
+        )
         self._embedding_net = embedding_net
         self._observed = set(observed or ())
 
