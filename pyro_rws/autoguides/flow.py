@@ -89,7 +89,7 @@ class _SiteFlow(nn.Module):
         context_dim: int,
         num_transforms: int,
         hidden_dims: list[int],
-        log_scale_clip: tuple[float, float],
+        log_scale_clip: tuple[float, float] = (-8.0, 8.0),
     ):
         super().__init__()
         hidden = list(hidden_dims)
