@@ -5,7 +5,9 @@ AutoAmortizedProposal (no guide written) against hand-written guides and PyProb'
 compilation (issue 22). Each part writes benchmarks/results/proposal_<part>.json; ``table``
 collects them into benchmarks/results/proposal_compare.md.
 
-Parts (run each under ``nice``, one thread):
+Parts (run each under ``nice``, one thread; the committed results used ``simulator --steps 400``,
+``csis --steps 1000``, ``gaussian_linear --simulations 10000``, ``pyprob_simulator --simulations
+12800`` and ``pyprob_gaussian_linear --simulations 10000``):
 
 - ``simulator``: tutorial 3's simulator (random number of objects), the hand-written proposal of
   the tutorial against AutoAmortizedProposal, same sleep steps, particles and optimizer; mean TV
@@ -453,7 +455,10 @@ def part_pyprob_gaussian_linear(args):
             super().__init__(name="gaussian_linear")
 
         def forward(self):
-            theta = pyprob.sample(Normal(torch.zeros(10), 0.1**0.5 * torch.ones(10)), name="theta")
+            # one address per coordinate: PyProb's proposals are scalar
+            theta = torch.stack(
+                [pyprob.sample(Normal(0.0, 0.1**0.5), name=f"theta_{i}") for i in range(10)]
+            )
             pyprob.observe(Normal(theta, 0.1**0.5 * torch.ones(10)), name="data")
             return theta
 
