@@ -114,11 +114,30 @@ def task_model(task):
         p = task.simulator_params
         w, f, s = p["mixture_weights"], p["mixture_locs_factor"], p["mixture_scales"]
 
-        def model(data=None):  # the mixture index summed out: the same p(x | theta)
-            theta = prior()
-            comp = dist.Normal(f[:, None] * theta.unsqueeze(-2), s[:, None]).to_event(1)
-            mix = dist.MixtureSameFamily(dist.Categorical(probs=w), comp)
-            return pyro.sample("data", mix, obs=data)
+        class Mixture(dist.TorchDistribution):  # sbibm's simulator, mixture index summed out
+            arg_constraints = {}
+            support = dist.constraints.real_vector
+
+            def __init__(self, theta, validate_args=None):
+                self.theta = theta
+                super().__init__(theta.shape[:-1], theta.shape[-1:], validate_args=validate_args)
+
+            def expand(self, batch_shape, _instance=None):
+                return Mixture(self.theta.expand(tuple(batch_shape) + self.event_shape))
+
+            def sample(self, sample_shape=()):
+                theta = self.theta.expand(self._extended_shape(sample_shape))
+                k = torch.multinomial(w, theta[..., 0].numel(), replacement=True)
+                k = k.reshape(theta.shape[:-1] + (1,))
+                return f[k] * theta + s[k] * torch.randn_like(theta)
+
+            def log_prob(self, x):
+                comp = dist.Normal(f[:, None] * self.theta.unsqueeze(-2), s[:, None])
+                lp = comp.log_prob(x.unsqueeze(-2)).sum(-1) + w.log()
+                return lp.logsumexp(-1)
+
+        def model(data=None):
+            return pyro.sample("data", Mixture(prior()), obs=data)
 
         return model, True
     if name == "two_moons":
