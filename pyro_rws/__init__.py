@@ -3,11 +3,20 @@
 """Wake-sleep family of inference algorithms for Pyro."""
 
 from .adversarial import ALI, GAN, AdversarialStats, BiGAN
+from .autoguides.flow import AutoAmortizedFlow  # amortized flow guide (simulation-based inference)
+from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
 from .memoised import MWS, MemoisedWakeSleep
+from .posterior import (  # simulation-based inference
+    FitHistory,
+    ImportancePosterior,
+    fit_guide,
+    importance_posterior,
+)
 from .rws import RWS, ReweightedWakeSleep
+from .simulation import Simulations, simulate  # simulation-based inference
 from .sleep_phase import SleepPhaseLoss
 from .vimco import VIMCO
 from .wake_sleep import WakeSleepELBO
@@ -17,6 +26,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ALI",
     "AdversarialStats",
+    "AutoAmortizedFlow",
+    "AutoAmortizedProposal",
     "BiGAN",
     "GAN",
     "JitRWS",
@@ -34,4 +45,11 @@ __all__ = [
     "VIMCO",
     "WakeSleepELBO",
     "log_evidence",
+    # simulation-based inference (pyro_rws/simulation.py, pyro_rws/posterior.py)
+    "FitHistory",
+    "ImportancePosterior",
+    "Simulations",
+    "fit_guide",
+    "importance_posterior",
+    "simulate",
 ]

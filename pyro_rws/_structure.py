@@ -123,7 +123,7 @@ def check_guide(guide: Callable, sleep: bool) -> str | None:
                 "config_enumerate(model)) and leave it out of the guide; to sample it, write a "
                 "guide that samples it (e.g. an amortized Categorical or Bernoulli)."
             )
-        if sleep and isinstance(part, AutoGuide):
+        if sleep and isinstance(part, AutoGuide) and not getattr(part, "amortized", False):
             raise ValueError(
                 f"{kind} cannot be trained by the sleep phase: an autoguide is not amortized "
                 "(its parameters are per latent, not computed from the data), so it cannot "

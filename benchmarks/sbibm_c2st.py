@@ -1,0 +1,438 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+"""
+The sbibm benchmark: pyro_rws's neural posterior estimation against ``sbi``'s NPE, by C2ST
+against sbibm's reference posteriors (0.5 is perfect, 1.0 is separable).
+
+Contenders, each trained once per task and budget (amortized) and evaluated on every requested
+observation:
+
+- ``sbi``: ``sbi.inference.NPE`` with its defaults (MAF of 5 transforms, 50 hidden features,
+  batch 200, lr 5e-4, 10 % validation, stop after 20 epochs without improvement), on
+  ``theta ~ prior``, ``x = simulator(theta)`` from sbibm;
+- ``pyro_rws``: ``pyro_rws.simulate`` + ``AutoAmortizedFlow`` (default size, matched to sbi's
+  MAF) + ``fit_guide`` (the same defaults as sbi's), posterior samples from the guide;
+- ``pyro_rws+is``: the same guide as the proposal of ``pyro_rws.importance_posterior`` on the
+  model with its likelihood (only tasks whose model has one: sbibm's own Pyro model for
+  gaussian_linear, gaussian_linear_uniform and slcp, the mixture's marginal likelihood for
+  gaussian_mixture and the exact density of the two-moons simulator, written below).
+
+Also recorded: the wall time of simulation + training, and the time per gradient step
+(training time / steps, validation passes included, for both), plus an interleaved
+micro-benchmark of one training step (log_prob + backward + Adam on a batch of 200) of the two
+flows on the task's dimensions, in one thread.
+
+Needs sbi and sbibm (the ``sbi`` benchmark extra): ``pip install sbi==0.27.0 pandas future
+autograd`` and ``pip install --no-deps sbibm==1.1.0``. Results are appended to
+``<out>.jsonl`` cell by cell (a cell already there is skipped), and ``<out>.md`` and
+``<out>.png`` are rebuilt from all of them. Example::
+
+    python benchmarks/sbibm_c2st.py --tasks two_moons gaussian_linear --budgets 1000 10000 \\
+        --observations 1 --out benchmarks/results/sbibm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+TASKS = (
+    "gaussian_linear",
+    "gaussian_linear_uniform",
+    "slcp",
+    "gaussian_mixture",
+    "two_moons",
+    "bernoulli_glm",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The tasks as Pyro models
+# --------------------------------------------------------------------------------------------
+def two_moons_distribution():
+    """The two-moons simulator as a distribution with its exact density (sbibm's simulator)."""
+    import pyro.distributions as dist
+    from torch.distributions import constraints
+
+    class TwoMoons(dist.TorchDistribution):
+        arg_constraints = {}
+        support = constraints.real_vector
+
+        def __init__(self, theta, validate_args=None):
+            self.theta = theta
+            super().__init__(theta.shape[:-1], (2,), validate_args=validate_args)
+
+        def _shift(self):
+            c = s = math.sqrt(0.5)  # cos and sin of -pi/4, up to the sign of s
+            z0 = c * self.theta[..., 0] + s * self.theta[..., 1]
+            z1 = -s * self.theta[..., 0] + c * self.theta[..., 1]
+            return torch.stack([-z0.abs(), z1], -1)
+
+        def expand(self, batch_shape, _instance=None):
+            return TwoMoons(self.theta.expand(tuple(batch_shape) + (2,)))
+
+        def sample(self, sample_shape=()):
+            shape = self._extended_shape(sample_shape)[:-1]
+            a = (torch.rand(shape) - 0.5) * math.pi
+            r = 0.1 + 0.01 * torch.randn(shape)
+            p = torch.stack([torch.cos(a) * r + 0.25, torch.sin(a) * r], -1)
+            return p + self._shift()
+
+        def log_prob(self, x):
+            p = x - self._shift()
+            u, v = p[..., 0] - 0.25, p[..., 1]
+            r = (u**2 + v**2).sqrt()
+            lp = (
+                dist.Normal(0.1, 0.01).log_prob(r) - math.log(math.pi) - r.log()
+            )  # polar change of variables, angle uniform on (-pi/2, pi/2)
+            return torch.where(u > 0, lp, torch.full_like(lp, -math.inf))
+
+    return TwoMoons
+
+
+def task_model(task):
+    """``(model(data=None), has_likelihood)`` for an sbibm task (data site ``"data"``)."""
+    import pyro
+    import pyro.distributions as dist
+
+    name = task.name
+    prior = task.get_prior()
+    if name in ("gaussian_linear", "gaussian_linear_uniform", "slcp"):
+        simulator = task.get_simulator()
+
+        def model():  # sbibm's own prior and simulator, as they are
+            return simulator(prior())
+
+        return model, True
+    if name == "gaussian_mixture":
+        p = task.simulator_params
+        w, f, s = p["mixture_weights"], p["mixture_locs_factor"], p["mixture_scales"]
+
+        class Mixture(dist.TorchDistribution):  # sbibm's simulator, mixture index summed out
+            arg_constraints = {}
+            support = dist.constraints.real_vector
+
+            def __init__(self, theta, validate_args=None):
+                self.theta = theta
+                super().__init__(theta.shape[:-1], theta.shape[-1:], validate_args=validate_args)
+
+            def expand(self, batch_shape, _instance=None):
+                return Mixture(self.theta.expand(tuple(batch_shape) + self.event_shape))
+
+            def sample(self, sample_shape=()):
+                theta = self.theta.expand(self._extended_shape(sample_shape))
+                k = torch.multinomial(w, theta[..., 0].numel(), replacement=True)
+                k = k.reshape(theta.shape[:-1] + (1,))
+                return f[k] * theta + s[k] * torch.randn_like(theta)
+
+            def log_prob(self, x):
+                comp = dist.Normal(f[:, None] * self.theta.unsqueeze(-2), s[:, None])
+                lp = comp.log_prob(x.unsqueeze(-2)).sum(-1) + w.log()
+                return lp.logsumexp(-1)
+
+        def model(data=None):
+            return pyro.sample("data", Mixture(prior()), obs=data)
+
+        return model, True
+    if name == "two_moons":
+        TwoMoons = two_moons_distribution()
+
+        def model(data=None):
+            theta = prior()
+            return pyro.sample("data", TwoMoons(theta), obs=data)
+
+        return model, True
+    simulator = task.get_simulator()
+
+    def model(data=None):  # bernoulli_glm: summary statistics, no likelihood
+        theta = prior()
+        return pyro.deterministic("data", simulator(theta), event_dim=1)
+
+    return model, False
+
+
+# --------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------
+def run_sbi(task, budget, observations, num_samples, seed):
+    from sbi.inference import NPE
+
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    theta = task.get_prior()(num_samples=budget)
+    x = task.get_simulator()(theta)
+    inference = NPE(prior=task.get_prior_dist(), show_progress_bars=False)
+    inference.append_simulations(theta, x)
+    t_train = time.perf_counter()
+    inference.train()
+    train_time = time.perf_counter() - t_train
+    wall = time.perf_counter() - start
+    epochs = inference._summary["epochs_trained"][-1]
+    steps = epochs * math.ceil(int(0.9 * budget) / 200)
+    posterior = inference.build_posterior()
+    samples = {
+        i: posterior.sample((num_samples,), x=task.get_observation(i), show_progress_bars=False)
+        for i in observations
+    }
+    return samples, dict(wall=wall, train=train_time, steps=steps, epochs=epochs)
+
+
+def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
+    import pyro
+
+    import pyro_rws
+    from pyro_rws import AutoAmortizedFlow
+
+    model, has_likelihood = task_model(task)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+    sims = pyro_rws.simulate(model, budget, observed=("data",), seed=seed, progress=False)
+    guide = AutoAmortizedFlow(model)
+    guide.standardize(sims)
+    t_train = time.perf_counter()
+    history = pyro_rws.fit_guide(model, guide, sims, seed=seed, progress=False)
+    train_time = time.perf_counter() - t_train
+    wall = time.perf_counter() - start
+    sleep, reweighted, ess = {}, {}, {}
+    for i in observations:
+        x_o = task.unflatten_data(task.get_observation(i))  # sbibm's data shape, (1, ...)
+        with torch.no_grad():
+            x = x_o.expand((num_samples,) + x_o.shape[1:])
+            sleep[i] = guide(observations={"data": x})["parameters"].reshape(num_samples, -1)
+        if has_likelihood:
+            post = pyro_rws.importance_posterior(
+                model, guide, observations={"data": x_o}, num_particles=num_particles
+            )
+            reweighted[i] = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
+            ess[i] = float(post.effective_sample_size.reshape(-1)[0]) / num_particles
+    info = dict(
+        wall=wall,
+        train=train_time,
+        steps=history.num_steps,
+        epochs=history.epochs,
+        ess_fraction=ess,
+    )
+    return sleep, reweighted, info
+
+
+def step_ratio(task, rounds=5, steps=10):
+    """Interleaved per-step time (log_prob + backward + Adam, batch 200) of the two flows."""
+    import pyro
+    from sbi.neural_nets.net_builders import build_maf
+
+    from pyro_rws import AutoAmortizedFlow
+    from pyro_rws.autoguides.embedding import datapoints
+
+    pyro.enable_validation(False)
+    model, _ = task_model(task)
+    theta = task.get_prior()(num_samples=1000)
+    x = task.get_simulator()(theta)
+    net = build_maf(theta, x)
+    guide = AutoAmortizedFlow(model, observed=["data"])
+    x_model = task.unflatten_data(x)
+    guide.standardize({"parameters": theta, "data": x_model})
+    b = slice(0, 200)
+    opt_sbi = torch.optim.Adam(net.parameters(), lr=5e-4)
+    opt_rws = torch.optim.Adam(guide.parameters(), lr=5e-4)
+
+    def sbi_step():
+        loss = -net.log_prob(theta[b], x[b]).mean()
+        opt_sbi.zero_grad()
+        loss.backward()
+        opt_sbi.step()
+
+    def rws_step():
+        data = datapoints(x_model[b], **guide._layout["data"])
+        context = guide._context({"data": data}, {})
+        loss = -guide._site_distribution("parameters", context).log_prob(theta[b]).mean()
+        opt_rws.zero_grad()
+        loss.backward()
+        opt_rws.step()
+
+    times = {"sbi": [], "pyro_rws": []}
+    for _ in range(rounds):
+        for key, fn in (("sbi", sbi_step), ("pyro_rws", rws_step)):
+            fn()
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[key].append((time.perf_counter() - t) / steps)
+    ratios = [a / b for a, b in zip(times["pyro_rws"], times["sbi"], strict=True)]
+    return dict(
+        sbi_ms=1e3 * statistics.median(times["sbi"]),
+        pyro_rws_ms=1e3 * statistics.median(times["pyro_rws"]),
+        ratio=statistics.median(ratios),
+        sbi_weights=sum(p.numel() for p in net.parameters()),
+        pyro_rws_weights=sum(p.numel() for p in guide.parameters()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Driver and report
+# --------------------------------------------------------------------------------------------
+def c2st_of(task, i, samples, num_samples):
+    from sbibm.metrics import c2st
+
+    ref = task.get_reference_posterior_samples(num_observation=i)[:num_samples]
+    return float(c2st(ref, samples[:num_samples].float()))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000, 100000])
+    parser.add_argument("--observations", nargs="+", type=int, default=list(range(1, 11)))
+    parser.add_argument("--num-samples", type=int, default=10000, help="per C2ST side")
+    parser.add_argument("--num-particles", type=int, default=100000, help="importance sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/sbibm")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    import pyro
+    import sbibm
+
+    pyro.enable_validation(False)
+    done = _load(args.out)
+    for name in [] if args.report_only else args.tasks:
+        task = sbibm.get_task(name)
+        key = ("steps", name)
+        if key not in {(r["kind"], r["task"]) for r in done}:
+            try:
+                _append(args.out, dict(kind="steps", task=name, **step_ratio(task)), done)
+            except Exception as e:  # report and go on with the C2ST cells
+                print(f"{name}: step timing failed: {type(e).__name__}: {e}", flush=True)
+        for budget in args.budgets:
+            todo = [
+                i
+                for i in args.observations
+                if not any(
+                    r["kind"] == "c2st"
+                    and (r["task"], r["budget"], r["observation"]) == (name, budget, i)
+                    for r in done
+                )
+            ]
+            if not todo:
+                continue
+            print(f"{name} {budget}: sbi", flush=True)
+            sbi_samples, sbi_info = run_sbi(task, budget, todo, args.num_samples, args.seed)
+            print(f"{name} {budget}: pyro_rws", flush=True)
+            sleep, reweighted, info = run_pyro_rws(
+                task, budget, todo, args.num_samples, args.seed, args.num_particles
+            )
+            for i in todo:
+                row = dict(kind="c2st", task=name, budget=budget, observation=i)
+                row["sbi"] = c2st_of(task, i, sbi_samples[i], args.num_samples)
+                row["pyro_rws"] = c2st_of(task, i, sleep[i], args.num_samples)
+                if i in reweighted:
+                    row["pyro_rws+is"] = c2st_of(task, i, reweighted[i], args.num_samples)
+                    row["ess_fraction"] = info["ess_fraction"][i]
+                row["sbi_info"] = sbi_info
+                row["pyro_rws_info"] = {k: v for k, v in info.items() if k != "ess_fraction"}
+                row["num_samples"] = args.num_samples
+                print(json.dumps(row), flush=True)
+                _append(args.out, row, done)
+    report(done, args.out)
+
+
+def _load(out):
+    path = out + ".jsonl"
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _append(out, row, done):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    done.append(row)
+
+
+def report(rows, out):
+    """Write ``<out>.md`` (tables) and ``<out>.png`` (C2ST by budget) from the results."""
+    cells = {}
+    for r in rows:
+        if r["kind"] == "c2st":
+            cells.setdefault((r["task"], r["budget"]), []).append(r)
+    lines = [
+        "C2ST against sbibm's reference posteriors (0.5 is perfect), mean over the observations "
+        "listed; time per step = training time / gradient steps (validation included).",
+        "",
+        "| task | budget | obs. | sbi NPE | pyro_rws | pyro_rws + IS | ESS/K | "
+        "sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mean = lambda rs, k: statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else None  # noqa: E731
+    fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for (task, budget), rs in sorted(cells.items()):
+        si, pi = rs[-1]["sbi_info"], rs[-1]["pyro_rws_info"]
+        lines.append(
+            f"| {task} | {budget} | {','.join(str(r['observation']) for r in rs)} | "
+            f"{fmt(mean(rs, 'sbi'))} | {fmt(mean(rs, 'pyro_rws'))} | "
+            f"{fmt(mean(rs, 'pyro_rws+is'))} | {fmt(mean(rs, 'ess_fraction'), 3)} | "
+            f"{si['wall']:.0f} | {pi['wall']:.0f} | "
+            f"{1e3 * si['train'] / max(si['steps'], 1):.1f} | "
+            f"{1e3 * pi['train'] / max(pi['steps'], 1):.1f} |"
+        )
+    steps = [r for r in rows if r["kind"] == "steps"]
+    if steps:
+        lines += [
+            "",
+            "One training step (log_prob + backward + Adam, batch 200, one thread), interleaved, "
+            "median of rounds:",
+            "",
+            "| task | sbi weights | pyro_rws weights | sbi ms | pyro_rws ms | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in steps:
+            lines.append(
+                f"| {r['task']} | {r['sbi_weights']} | {r['pyro_rws_weights']} | "
+                f"{r['sbi_ms']:.2f} | {r['pyro_rws_ms']:.2f} | {r['ratio']:.2f} |"
+            )
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(cells, out + ".png")
+
+
+def _plot(cells, path):
+    if not cells:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for t, _ in cells})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        budgets = sorted(b for t, b in cells if t == task)
+        for key, style in (("sbi", "o-"), ("pyro_rws", "s-"), ("pyro_rws+is", "^-")):
+            pts = [
+                (b, statistics.mean(r[key] for r in cells[(task, b)]))
+                for b in budgets
+                if all(key in r for r in cells[(task, b)])
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=key)
+        ax.set_xscale("log")
+        ax.set_ylim(0.45, 1.02)
+        ax.axhline(0.5, color="gray", lw=0.5)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("simulations")
+    axes[0][0].set_ylabel("C2ST")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

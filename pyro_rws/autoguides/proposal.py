@@ -1,0 +1,625 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Inference compilation without writing a guide: :class:`AutoAmortizedProposal`.
+
+The guide runs **the model itself**. At every latent sample site (address :math:`a_t`, met in
+the model's own order, so the guide's control flow is the model's by construction) the prior is
+replaced by a learned proposal; observed sites are hidden from the guide's trace. As in the
+inference compilation of Le, Baydin & Wood (2017) and PyProb, a recurrent state is carried from
+site to site:
+
+.. math::
+
+    e &= \mathrm{emb}(x), \qquad
+    h_t = \mathrm{LSTM}\big([e,\ \alpha_{a_t},\ v_{a_{t-1}}(z_{t-1})],\ h_{t-1}\big), \\
+    q_\phi(z \mid x) &= \prod_t q_{a_t}\big(z_t \mid \mathrm{head}_{a_t}([h_t, e])\big),
+
+with :math:`x` the observed values (embedded once per run), :math:`\alpha_a` a learned address
+embedding and :math:`v_a` an embedding of the value drawn at :math:`a`. The head of an address,
+its :math:`\alpha_a` and :math:`v_a` are created the first time the address is met. The
+proposal family follows the prior's support: ``Categorical`` logits for
+``integer_interval(0, K-1)`` (Categorical, Binomial with a scalar count), ``Bernoulli`` logits
+for ``boolean``, and for a continuous support a Normal (or a mixture of Normals) on the
+unconstrained space pushed through ``biject_to(support)``; where the support is the real line
+and the prior has a finite mean and standard deviation, the Normal is parameterized relative to
+the prior, :math:`\mu = \mu_p + \sigma_p\,u,\ \sigma = \sigma_p\,\mathrm{softplus}(s)`
+(the prior's moments are detached: the model's parameters get no gradient from the guide). Any
+other site keeps its prior as the proposal (with a warning once per address).
+
+The observations reach the guide in one of three ways, in this order: the ``observations=``
+keyword (Pyro's CSIS convention, which the sleep phase of every pyro_rws loss uses); the
+``observations_from`` callable given to the constructor; or a run of the model with the
+caller's arguments, hidden from every other handler and with the random state restored, that
+reads the ``obs=`` values (cached for repeated calls with the same argument tensors).
+
+Batch dimensions: plates active when the guide is called (the particle plate of a vectorized
+loss, ``Predictive(parallel=True)``) index independent runs; the recurrent state carries them,
+and the observations are embedded per run. The model's own plates are broadcast over: a latent
+inside a plate gets the same proposal for every element, and the embedding of its value enters
+the state averaged over the plate (amortization per datapoint needs a hand-written guide).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.params.param_store import param_with_module_name
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.subsample_messenger import SubsampleMessenger
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.distributions import biject_to, constraints
+
+from .._traces import _cuda_devices
+from .embedding import ObservationEmbedding, datapoints
+
+
+def _key(name: str) -> str:
+    """A module-dict key for a site name ('.' is not allowed in module names)."""
+    return "site_" + name.replace(".", "\u2024")
+
+
+def _unwrap(fn):
+    """The distribution under plate expansion and masking."""
+    while isinstance(fn, (dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _base_support(support):
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
+def _num_categories(fn) -> int | None:
+    """K for a support ``integer_interval(0, K-1)`` with a fixed K, else None."""
+    support = _base_support(fn.support)
+    if not isinstance(support, constraints.integer_interval) or support.lower_bound != 0:
+        return None
+    upper = support.upper_bound
+    if torch.is_tensor(upper):
+        if upper.numel() != 1 and not bool((upper == upper.reshape(-1)[0]).all()):
+            return None
+        upper = upper.reshape(-1)[0].item()
+    return int(upper) + 1
+
+
+class _Head(nn.Module):
+    """The proposal of one address: its address embedding, value embedding and output layer."""
+
+    def __init__(
+        self, fn, in_dim: int, address_dim: int, value_dim: int, num_components: int, flow: bool
+    ):
+        super().__init__()
+        self.address = nn.Parameter(0.1 * torch.randn(address_dim))
+        self.event_shape = tuple(fn.event_shape)
+        self.event_numel = math.prod(self.event_shape)
+        self.num_categories = _num_categories(fn)
+        support = fn.support
+        if _base_support(support) is constraints.boolean:
+            self.kind, out = "bernoulli", self.event_numel
+            self.value = nn.Linear(self.event_numel, value_dim)
+        elif self.num_categories is not None:
+            self.kind, out = "categorical", self.event_numel * self.num_categories
+            self.value = nn.Embedding(self.num_categories, value_dim)
+        elif not support.is_discrete and _has_bijection(support):
+            self.kind = "continuous"
+            self.unconstrained = tuple(biject_to(support).inverse_shape(fn.event_shape))
+            self.dim = math.prod(self.unconstrained)
+            self.num_components = num_components
+            mix = num_components if num_components > 1 else 0
+            out = 0 if flow else mix + 2 * num_components * self.dim
+            self.value = nn.Linear(self.dim, value_dim)
+            self.relative = _relative_to_prior(fn)
+            if flow:  # the conditional flow of AutoAmortizedFlow (a spline for a scalar site)
+                from .flow import _SiteFlow
+
+                self.flow = _SiteFlow(self.dim, in_dim, 2, [in_dim, in_dim])
+        else:
+            self.kind, out = "prior", 0
+            self.value = nn.Linear(self.event_numel, value_dim)
+        self.out = nn.Linear(in_dim, out) if out else None
+        if self.out is not None:  # start near the prior's scale, not at random sizes
+            nn.init.normal_(self.out.weight, std=0.01)
+            nn.init.zeros_(self.out.bias)
+
+    def proposal(self, features: torch.Tensor, prior):
+        """The proposal distribution, batch shape broadcast with the prior's."""
+        batch = _broadcast(features.shape[:-1], prior.batch_shape)
+        if self.kind == "prior":
+            return prior
+        if self.kind == "continuous" and self.out is None:
+            return self._flow(features, prior).expand(batch)
+        raw = self.out(features)
+        lead = raw.shape[:-1]
+        if self.kind == "bernoulli":
+            q = dist.Bernoulli(logits=raw.reshape(lead + self.event_shape), validate_args=False)
+        elif self.kind == "categorical":
+            logits = raw.reshape(lead + self.event_shape + (self.num_categories,))
+            q = dist.Categorical(logits=logits, validate_args=False)
+        else:
+            q = self._continuous(raw, prior)
+        if self.kind != "continuous":
+            q = q.to_event(len(self.event_shape))
+        return q if q.batch_shape == batch else q.expand(batch)
+
+    def _continuous(self, raw: torch.Tensor, prior):
+        lead, k, d = raw.shape[:-1], self.num_components, self.dim
+        mix = raw[..., : k if k > 1 else 0]
+        loc, scale = raw[..., mix.shape[-1] :].reshape(lead + (k, 2, d)).unbind(-2)
+        scale = nn.functional.softplus(scale + 0.5413) + 1e-4  # softplus(0.5413) = 1
+        if self.relative:
+            batch = prior.batch_shape
+            mean = prior.mean.detach().reshape(batch + (1, d))
+            std = prior.stddev.detach().reshape(batch + (1, d))
+            loc, scale = mean + std * loc, std * scale
+        scalar = self.unconstrained == ()
+        if scalar:  # lead + (k,)
+            loc, scale = loc.squeeze(-1), scale.squeeze(-1)
+        if k == 1:
+            loc, scale = loc.squeeze(-1 if scalar else -2), scale.squeeze(-1 if scalar else -2)
+        base = dist.Normal(loc, scale, validate_args=False)
+        base = base if scalar else base.to_event(1)
+        if k > 1:
+            base = dist.MixtureSameFamily(
+                dist.Categorical(logits=mix, validate_args=False), base, validate_args=False
+            )
+        transforms = []
+        if not scalar and self.unconstrained != (d,):
+            transforms.append(dist.transforms.ReshapeTransform((d,), self.unconstrained))
+        if not _is_real(prior.support):
+            transforms.append(biject_to(prior.support))
+        return dist.TransformedDistribution(base, transforms) if transforms else base
+
+    def _flow(self, features: torch.Tensor, prior):
+        d = self.dim
+        base = dist.Normal(features.new_zeros(d), 1.0, validate_args=False)
+        base = base.expand(features.shape[:-1] + (d,)).to_event(1)
+        transforms = self.flow.transforms(features)
+        if self.relative:
+            batch = prior.batch_shape
+            mean = prior.mean.detach().reshape(batch + (d,))
+            std = prior.stddev.detach().reshape(batch + (d,))
+            transforms.append(dist.transforms.AffineTransform(mean, std, event_dim=1))
+        if self.unconstrained != (d,):
+            transforms.append(dist.transforms.ReshapeTransform((d,), self.unconstrained))
+        if not _is_real(prior.support):
+            transforms.append(biject_to(prior.support))
+        return dist.TransformedDistribution(base, transforms)
+
+    def embed_value(self, value: torch.Tensor, prior, dtype) -> torch.Tensor:
+        """``v_a(z)``: shape ``batch + (value_dim,)``."""
+        batch = value.shape[: value.dim() - len(prior.event_shape)]
+        if self.kind == "categorical":
+            return self.value(value.long().reshape(batch + (-1,))).mean(-2)
+        if self.kind == "continuous":
+            value = biject_to(prior.support).inv(value)
+        flat = value.to(dtype).reshape(batch + (-1,))
+        return self.value(torch.nan_to_num(flat, posinf=1e4, neginf=-1e4))
+
+
+def _broadcast(a: tuple, b: tuple) -> torch.Size:
+    """``torch.broadcast_shapes`` of two shapes (without its cost on a per-site path)."""
+    if a == b:
+        return torch.Size(a)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    return torch.Size(x if y == 1 else y for x, y in zip(a, b, strict=True))
+
+
+def _is_real(support) -> bool:
+    """The real line or real vectors: the proposal needs no bijection."""
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
+
+
+def _has_bijection(support) -> bool:
+    try:
+        biject_to(support)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _relative_to_prior(fn) -> bool:
+    """A real-line prior with finite mean and standard deviation (checked once, at creation)."""
+    if not _is_real(fn.support):
+        return False
+    try:
+        mean, std = fn.mean, fn.stddev
+    except NotImplementedError:
+        return False
+    return bool(torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all())
+
+
+def _outer_batch() -> tuple[tuple[int, ...], int]:
+    """
+    The batch shape of independent runs: vectorized plates active before the model runs (the
+    particle plate, ``Predictive(parallel=True)``), with ones at the model's own plate dims.
+    Returns ``(shape, innermost outer dim)``; ``((), 0)`` if there is none.
+    """
+    sizes = {}
+    for m in _PYRO_STACK:
+        if isinstance(m, SubsampleMessenger) and m._vectorized and m.dim is not None:
+            sizes[m.dim] = m.subsample_size if m.subsample_size is not None else m.size
+    if not sizes:
+        return (), 0
+    inner = max(sizes)
+    shape = tuple(sizes.get(d, 1) for d in range(min(sizes), 0))
+    return shape, inner
+
+
+class _Run(Messenger):
+    """One run of the guide: proposals at the model's latent sites, observed sites hidden."""
+
+    def __init__(self, guide: AutoAmortizedProposal, embedding: torch.Tensor):
+        super().__init__()
+        self.guide, self.embedding = guide, embedding
+        batch = embedding.shape[:-1]
+        zeros = embedding.new_zeros
+        self.h = zeros(batch + (guide.hidden_dim,))
+        self.c = zeros(batch + (guide.hidden_dim,))
+        self.prev = zeros(batch + (guide.value_dim,))
+        self.priors = {}
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] != "sample" or site_is_subsample(msg):
+            return
+        if msg["is_observed"]:  # not part of the guide: hidden from every outer handler
+            msg["stop"] = True
+            return
+        name, prior = msg["name"], msg["fn"]
+        head = self.guide._head(name, prior, self.embedding)
+        batch = self.embedding.shape[:-1]
+        inputs = torch.cat([self.embedding, head.address.expand(batch + (-1,)), self.prev], -1)
+        flat = (-1, self.guide.hidden_dim)
+        h, c = self.guide.lstm(
+            inputs.reshape(-1, inputs.shape[-1]), (self.h.reshape(flat), self.c.reshape(flat))
+        )
+        self.h, self.c = h.reshape(self.h.shape), c.reshape(self.c.shape)
+        msg["fn"] = head.proposal(torch.cat([self.h, self.embedding], -1), prior)
+        self.priors[name] = prior
+        infer = msg["infer"] or {}
+        if "enumerate" in infer:  # the guide samples every latent it proposes
+            msg["infer"] = {k: v for k, v in infer.items() if k != "enumerate"}
+
+    def _postprocess_message(self, msg) -> None:
+        prior = self.priors.pop(msg["name"], None) if msg["type"] == "sample" else None
+        if prior is None:  # not a latent site of the model (its value may be conditioned)
+            return
+        head = self.guide.heads[_key(msg["name"])]
+        emb = head.embed_value(msg["value"], prior, self.embedding.dtype)
+        self.prev = _reduce_to(emb, self.embedding.shape[:-1])
+
+
+def _reduce_to(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """Average ``x`` (``shape + (V,)``) over the dims that ``batch`` does not have (plates)."""
+    extra = x.dim() - 1 - len(batch)
+    if extra > 0:
+        x = x.mean(tuple(range(extra)))
+    elif extra < 0:
+        x = x.reshape((1,) * -extra + x.shape)
+    dims = tuple(i for i, n in enumerate(batch) if n == 1 and x.shape[i] != 1)
+    if dims:
+        x = x.mean(dims, keepdim=True)
+    return x.expand(tuple(batch) + x.shape[-1:])
+
+
+class AutoAmortizedProposal(nn.Module):
+    r"""
+    An amortized proposal built from the model: a guide for inference compilation without
+    writing one (see :mod:`pyro_rws.autoguides.proposal` for the construction).
+
+    Train it like any amortized guide, by :class:`~pyro_rws.SleepPhaseLoss` (inference
+    compilation, no data needed), :class:`~pyro_rws.RWS` wake-φ on observations, or both, and
+    use it as the proposal of :func:`~pyro_rws.log_evidence` or importance sampling::
+
+        guide = AutoAmortizedProposal(simulator)
+        svi = SVI(simulator, guide, pyro.optim.Adam({"lr": 1e-3}),
+                  loss=SleepPhaseLoss(num_particles=32, vectorize_particles=False))
+        for step in range(1000):
+            svi.step(placeholder)   # the guide sees fantasies in place of the data
+
+    It is called with the model's arguments (and, optionally, ``observations={site: value}``)
+    and registers itself with :func:`pyro.module` under SVI's parameter capture, so a
+    :mod:`pyro.optim` optimizer trains the parameters of every address, including those created
+    on later steps. With a plain
+    :mod:`torch.optim` optimizer, create the addresses first, ``guide.prepare(*args)`` (runs the
+    guide on simulations from the model), then build the optimizer on
+    ``guide.parameters()``; an address first met after :meth:`prepare` is passed to
+    :attr:`on_new_address` (``guide.on_new_address = lambda name, params:
+    optimizer.add_param_group({"params": params})``) or, if that is None, warned about.
+
+    A model with stochastic control flow (a Python loop over a sampled count) needs
+    ``vectorize_particles=False`` in the loss, as the model itself does.
+
+    :param callable model: the Pyro model (not registered as a submodule: its parameters are
+        not the guide's).
+    :param embedding_net: the embedding of the observations, as in
+        :class:`~pyro_rws.autoguides.embedding.ObservationEmbedding` (which standardizes and
+        embeds them, one datapoint per run; by default a network chosen from their shapes).
+    :param int hidden_dim: size of the LSTM state.
+    :param int address_dim: size of the address embeddings.
+    :param int value_dim: size of the value embeddings.
+    :param int num_components: Normal components of the proposal at continuous sites (1: a
+        Normal; more: a mixture of Normals), on the unconstrained space.
+    :param str continuous: the proposal at continuous sites: ``"normal"`` (a Normal or a
+        mixture of ``num_components`` Normals) or ``"flow"`` (the conditional flow of
+        :class:`~pyro_rws.AutoAmortizedFlow`: a spline for a scalar site, a masked autoregressive
+        flow for a vector), on the unconstrained space, relative to the prior where its support
+        is the real line.
+    :param callable observations_from: ``(*args, **kwargs) -> {site: value}``, the observed
+        values for a call without ``observations=`` (by default read from a hidden run of the
+        model).
+    :param int num_standardize: on the first call, the observations are standardized by the
+        mean and std of this many simulations from the model (0: not standardized;
+        :meth:`prepare` sets them from its own simulations).
+    :param str name: the prefix of the parameters in Pyro's param store.
+
+    References
+
+    [1] `Inference Compilation and Universal Probabilistic Programming`, Tuan Anh Le,
+        Atilim Gunes Baydin, Frank Wood (AISTATS 2017), arXiv:1610.09900
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        embedding_net: nn.Module | None = None,
+        hidden_dim: int = 64,
+        address_dim: int = 16,
+        value_dim: int = 16,
+        num_components: int = 1,
+        continuous: str = "normal",
+        observations_from: Callable | None = None,
+        num_standardize: int = 100,
+        name: str = "AutoAmortizedProposal",
+    ):
+        super().__init__()
+        self._model = (model,)  # a tuple: a model module is not a submodule of the guide
+        self.embedding_net = embedding_net
+        self.hidden_dim, self.address_dim = int(hidden_dim), int(address_dim)
+        self.value_dim, self.num_components = int(value_dim), int(num_components)
+        if continuous not in ("normal", "flow"):
+            raise ValueError(f"continuous must be 'normal' or 'flow', got {continuous!r}")
+        self.continuous = continuous
+        self.observations_from = observations_from
+        self.num_standardize = int(num_standardize)
+        self.name = name
+        self.register_buffer("_ref", torch.zeros(()), persistent=False)  # dtype and device
+        self.embedding: ObservationEmbedding | None = None  # created on the first call
+        self.lstm: nn.LSTMCell | None = None
+        self.heads = nn.ModuleDict()
+        #: observed site -> (batch dims, event dims, shape per run), from the first call
+        self.observed: dict[str, tuple[int, int, tuple]] = {}
+        self.on_new_address: Callable | None = None
+        self._prepared = False
+        self._cache = None
+        self._params = None
+
+    @property
+    def model(self) -> Callable:
+        return self._model[0]
+
+    @property
+    def addresses(self) -> list[str]:
+        """The latent sites met so far, each with its own head."""
+        return [k[len("site_") :].replace("\u2024", ".") for k in self.heads]
+
+    def forward(self, *args, observations: dict | None = None, **kwargs) -> None:
+        self._register()
+        if observations is None and self.observations_from is not None:
+            observations = self.observations_from(*args, **kwargs)
+        if observations is None:
+            observations = self._read_observations(args, kwargs)
+        elif any(name not in self.observed for name in observations):
+            self._read_observations(args, kwargs, uncondition=True)
+        run = _Run(self, self._embed(observations, args, kwargs))
+        before = len(self.heads)
+        with run:
+            self.model(*args, **kwargs)
+        if len(self.heads) > before:
+            self._register()  # the new heads reach the optimizer of SVI
+
+    def _register(self) -> None:
+        """
+        :func:`pyro.module` of the guide when SVI captures parameters (a param-only trace is
+        on the stack), so that its optimizer sees every parameter, with the parameter names
+        cached; if the param store holds another tensor under a name (a loaded store),
+        ``pyro.module`` loads it into the guide.
+        """
+        if not any(isinstance(h, TraceMessenger) and h.param_only for h in _PYRO_STACK):
+            return
+        key = (len(self.heads), self.lstm is not None)
+        if self._params is None or self._params[0] != key:
+            named = self.named_parameters()
+            self._params = (
+                key,
+                [(param_with_module_name(self.name, n), p) for n, p in named if p.requires_grad],
+            )
+        for full_name, p in self._params[1]:
+            if pyro.param(full_name, p) is not p:
+                pyro.module(self.name, self)
+                self._params = None
+                return
+
+    # ----------------------------------------------------------------------------------------
+    def _read_observations(self, args, kwargs, uncondition: bool = False) -> dict:
+        """The observed values, from a run of the model hidden from every other handler."""
+        tensors = [(a, a._version) for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+        if not uncondition and self._cache is not None and len(self._cache[0]) == len(tensors):
+            if all(
+                a is b and v == w for (a, v), (b, w) in zip(self._cache[0], tensors, strict=True)
+            ):
+                return self._cache[1]
+        model = poutine.uncondition(self.model) if uncondition else self.model
+        with torch.random.fork_rng(devices=_cuda_devices()), torch.no_grad():
+            with poutine.block():
+                trace = poutine.trace(model).get_trace(*args, **kwargs)
+        observed = {}
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and not site_is_subsample(site):
+                if site["is_observed"] or (uncondition and site["infer"].get("was_observed")):
+                    if not site["infer"].get("_deterministic"):
+                        value = torch.as_tensor(site["value"])
+                        observed[name] = value
+                        if name not in self.observed:
+                            event_dim = site["fn"].event_dim
+                            batch_dim = max(value.dim() - event_dim, 0)
+                            shape = datapoints(
+                                value, batch_dim=batch_dim, event_dim=event_dim, plate_dims=()
+                            ).shape[batch_dim:]
+                            self.observed[name] = (batch_dim, event_dim, tuple(shape))
+        if not uncondition:
+            self._cache = (tensors, observed)
+        return observed
+
+    def _embed(self, observations: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        """
+        The context of each run, ``batch + (features,)``: the observations laid out and
+        embedded by :class:`~pyro_rws.autoguides.embedding.ObservationEmbedding` (one datapoint
+        per run), broadcast to the runs of this call.
+        """
+        batch, _ = _outer_batch()
+        if self.embedding is None:
+            shapes = {name: spec[2] for name, spec in self.observed.items()}
+            self.embedding = ObservationEmbedding(shapes, self.embedding_net) if shapes else None
+            features = 0 if self.embedding is None else self.embedding.out_features
+            self.lstm = nn.LSTMCell(features + self.address_dim + self.value_dim, self.hidden_dim)
+            self.to(device=self._ref.device, dtype=self._ref.dtype)
+            if self.embedding is not None and self.num_standardize > 0:
+                with torch.random.fork_rng(devices=_cuda_devices()):
+                    self._standardize(self._simulate(args, kwargs, self.num_standardize))
+        ref = self._ref
+        if self.embedding is None:
+            return ref.new_zeros(tuple(batch) + (0,))
+        values = {}
+        for name, (batch_dim, event_dim, shape) in self.observed.items():
+            value = observations.get(name)
+            if value is None:  # not met in this run: zeros
+                values[name] = ref.new_zeros(shape)
+                continue
+            value = torch.as_tensor(value).to(device=ref.device, dtype=ref.dtype)
+            try:
+                values[name] = datapoints(
+                    value, batch_dim=batch_dim, event_dim=event_dim, plate_dims=()
+                )
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"observed site '{name}' had shape {shape} per run when first seen, but a "
+                    f"value of shape {tuple(value.shape)} now. AutoAmortizedProposal needs the "
+                    "same observed sites and shapes in every run."
+                ) from e
+        context = self.embedding(values)
+        lead = context.shape[:-1]
+        if len(lead) > len(batch):
+            context = context.reshape(lead[len(lead) - len(batch) :] + context.shape[-1:])
+        return context.expand(tuple(batch) + context.shape[-1:])
+
+    def _head(self, name: str, prior, embedding: torch.Tensor) -> _Head:
+        key = _key(name)
+        head = self.heads[key] if key in self.heads else None
+        if head is None:
+            fn = _unwrap(prior)
+            head = _Head(
+                prior if fn.event_shape != prior.event_shape else fn,
+                self.hidden_dim + embedding.shape[-1],
+                self.address_dim,
+                self.value_dim,
+                self.num_components,
+                self.continuous == "flow",
+            ).to(device=embedding.device, dtype=embedding.dtype)
+            self.heads[key] = head
+            if head.kind == "prior":
+                warnings.warn(
+                    f"AutoAmortizedProposal has no proposal family for site '{name}' "
+                    f"({type(fn).__name__}, support {prior.support}): it proposes from the "
+                    "prior there.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            if self._prepared:
+                self._new_address(name, list(head.parameters()))
+        return head
+
+    def _new_address(self, name: str, params: list) -> None:
+        if self.on_new_address is not None:
+            self.on_new_address(name, params)
+            return
+        warnings.warn(
+            f"AutoAmortizedProposal met the new address '{name}' after prepare(): its "
+            "parameters are not in a torch.optim optimizer built before. Add them with "
+            "guide.on_new_address = lambda name, params: optimizer.add_param_group("
+            "{'params': params}), prepare() on more simulations, or use pyro.optim (which "
+            "picks up new parameters).",
+            UserWarning,
+            stacklevel=5,
+        )
+
+    def _simulate(self, args, kwargs, num: int) -> list:
+        """``num`` unconditioned runs of the model (hidden, no gradient): traces and fantasies."""
+        runs = []
+        with torch.no_grad(), poutine.block():
+            for _ in range(num):
+                trace = poutine.trace(poutine.uncondition(self.model)).get_trace(*args, **kwargs)
+                obs = {
+                    n: s["value"]
+                    for n, s in trace.nodes.items()
+                    if s["type"] == "sample" and s["infer"].get("was_observed")
+                }
+                runs.append((trace, obs))
+        return runs
+
+    def _standardize(self, runs: list) -> None:
+        """Standardize each observed site by the mean and std of its simulated values."""
+        if self.embedding is None:
+            return
+        values = {}
+        for name, (batch_dim, event_dim, _) in self.observed.items():
+            found = [obs[name] for _, obs in runs if name in obs]
+            if len(found) > 1:
+                values[name] = torch.stack(
+                    [
+                        datapoints(v, batch_dim=batch_dim, event_dim=event_dim, plate_dims=())
+                        for v in found
+                    ]
+                ).to(self._ref)
+        self.embedding.standardize_from(values)
+
+    def prepare(
+        self, *args, num_simulations: int = 100, standardize: bool = True, **kwargs
+    ) -> AutoAmortizedProposal:
+        """
+        Run the guide on ``num_simulations`` runs of the model (with these arguments,
+        unconditioned): this creates the embedding and the head of every address met, so that
+        ``parameters()`` holds them before a :mod:`torch.optim` optimizer is built, and (with
+        ``standardize``) sets the standardization of the observations from the simulated ones.
+        Returns the guide.
+        """
+        runs = self._simulate(args, kwargs, num_simulations)
+        with torch.no_grad(), poutine.block():
+            for trace, obs in runs:
+                poutine.replay(self, trace=trace)(*args, observations=obs, **kwargs)
+        if standardize:
+            self._standardize(runs)
+        self._prepared = True
+        return self
+
+    def head_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of the head of address ``name``."""
+        return list(self.heads[_key(name)].parameters())
+
+
+__all__ = ["AutoAmortizedProposal"]

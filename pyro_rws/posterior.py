@@ -1,0 +1,591 @@
+# Copyright Contributors to the pyro_rws project.
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Posteriors from simulations: the guide fitted to them (neural posterior estimation), and its
+samples reweighted for an observation (importance sampling).
+
+**Fitting.** :func:`~pyro_rws.fit_guide` fits the guide to exactly the pairs :math:`(z_i, x_i)` of
+:class:`~pyro_rws.Simulations` by the sleep-phi loss of :class:`~pyro_rws.SleepPhaseLoss`,
+
+.. math:: \mathcal{L}_\phi = -\frac{1}{B} \sum_{i \in \text{batch}} \log q_\phi(z_i | x_i),
+
+by epochs over minibatches with early stopping on a validation part (neural posterior
+estimation, as in ``sbi``). The minibatch sits in a particle plate of size ``B`` and the guide
+is called and replayed by the sleep phase's own code (``pyro_rws._sleep.sleep_traces``); the
+model is not run: its recorded structure, with the stored values, stands in for it.
+
+**Reweighting.** For particles :math:`z^k \sim q(z | x)`, :math:`k = 1..K`, the
+self-normalized weights
+
+.. math:: \bar w_k = \frac{w_k}{\sum_j w_j}, \qquad w_k = \frac{p(x, z^k)}{q(z^k | x)},
+
+make :math:`\sum_k \bar w_k \delta_{z^k}` an approximation of :math:`p(z | x)` that is consistent
+as :math:`K \to \infty` whatever the guide (whose support must cover the posterior's), while
+:math:`\log \frac1K \sum_k w_k` estimates :math:`\log p(x)` (a lower bound in expectation, the
+number :func:`~pyro_rws.log_evidence` returns for the same particles) and Kish's effective
+sample size :math:`1 / \sum_k \bar w_k^2` says how many independent posterior draws the
+particles are worth. :meth:`~pyro_rws.ImportancePosterior.sample` resamples them
+(multinomially, with replacement) into unweighted posterior draws.
+
+Particles are drawn ``chunk_size`` at a time, as :func:`~pyro_rws.log_evidence` draws them
+(the same weights for the same seed and chunk size); the latents of every chunk are kept for
+resampling (memory ``K`` times the latents' size, 10⁶ particles of a 10-d latent are 80 MB in
+float64), the per-chunk traces are not. ``keep_particles=False`` keeps the weights only.
+
+A model whose observed site has no density (``pyro.deterministic``, a ``Delta``, or a
+distribution without ``log_prob``: a simulator whose data are a deterministic function of its
+noise) has no importance weights: the guide's samples are then returned unweighted, with a
+warning, ``reweighted`` False and ``reason``
+saying why; its evidence and effective sample size raise an error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import ImproperUniform, constraints
+from pyro.poutine.runtime import _PYRO_STACK
+
+from ._args import check_count
+from ._fantasy import accepts_observations
+from ._sleep import SleepState, sleep_log_q, sleep_traces
+from ._structure import (
+    PARTICLE_PLATE,
+    check_guide,
+    is_deterministic,
+    is_latent,
+    is_sample,
+    plate_frames,
+)
+from ._traces import SampleTrace, _cuda_devices, guess_plate_nesting, in_particle_plate, wake_traces
+from ._weights import _batch_plates, check_finite_bound, effective_sample_size, log_weights
+from .simulation import Simulations, _bar
+
+# --------------------------------------------------------------------------------------------
+# Importance sampling
+# --------------------------------------------------------------------------------------------
+_SUBSAMPLE_REMEDY = (
+    "importance_posterior weights the particles per datapoint: condition on the full data "
+    "(without subsampling the plate), or put every latent inside the data plate."
+)
+
+
+class ImportancePosterior:
+    """
+    Weighted particles from :func:`~pyro_rws.importance_posterior`.
+
+    :ivar dict latents: ``{site: (K, *shape)}``, the guide's particles of every latent site, the
+        particle dim first (as in the vectorized losses), or None with ``keep_particles=False``.
+    :ivar torch.Tensor log_weights: normalized log-weights ``(K, *batch)``: one set per element
+        of the plates that enclose every site (``(K,)`` for one observation and global latents).
+    :ivar bool reweighted: False where the model has no likelihood to weight by (then the
+        weights are uniform, the particles are the guide's samples).
+    :ivar str reason: why not, or None.
+    """
+
+    def __init__(self, latents, log_weights, log_evidence, reweighted, reason, batch_dims):
+        self.latents: dict[str, torch.Tensor] | None = latents
+        self.log_weights: torch.Tensor = log_weights
+        self.reweighted: bool = reweighted
+        self.reason: str | None = reason
+        self._log_evidence = log_evidence
+        self._batch_dims = batch_dims  # positions of the batch plates in a site's shape
+
+    @property
+    def num_particles(self) -> int:
+        return self.log_weights.shape[0]
+
+    def _check(self, what: str) -> None:
+        if not self.reweighted:
+            raise ValueError(
+                f"{what} needs importance weights, and this model has none: {self.reason} "
+                "The particles are the guide's samples, unweighted."
+            )
+
+    @property
+    def log_evidence(self) -> torch.Tensor:
+        """:math:`\\log \\frac1K \\sum_k w_k` per batch element (:func:`~pyro_rws.log_evidence`)."""
+        self._check("log_evidence")
+        return self._log_evidence
+
+    @property
+    def effective_sample_size(self) -> torch.Tensor:
+        """Kish's ``1 / sum_k wbar_k^2`` per batch element (``K`` for a perfect guide)."""
+        self._check("the effective sample size")
+        return effective_sample_size(self.log_weights)
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> dict:
+        """
+        ``num_samples`` posterior draws per batch element, resampled multinomially (with
+        replacement) by the weights: ``{site: (num_samples, *shape)}``.
+        """
+        num_samples = check_count("num_samples", num_samples, 1)
+        if self.latents is None:
+            raise ValueError("sample needs the particles: call with keep_particles=True")
+        if self._batch_dims is None:
+            raise ValueError(
+                "sample resamples along vectorized plates only, and the weights lie in a "
+                "sequential plate (pyro.plate used as an iterator): vectorize that plate"
+            )
+        K = self.num_particles
+        batch = self.log_weights.shape[1:]
+        probs = self.log_weights.exp().reshape(K, -1).T  # (M, K)
+        index = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        index = index.T.reshape((num_samples,) + batch)
+        out = {}
+        for name, value in self.latents.items():
+            shape = [1] * (value.dim() - 1)
+            for size, pos in zip(batch, self._batch_dims, strict=True):
+                shape[pos] = size
+            idx = index.reshape(num_samples, *shape).expand(num_samples, *value.shape[1:])
+            out[name] = torch.gather(value, 0, idx.to(value.device))
+        return out
+
+
+class _FoldBatch(poutine.messenger.Messenger):
+    """
+    Observed sites with batch dims right of the particle dim that no plate declares (sbibm's
+    slcp: ``(B, 4)`` draws per simulation) have them read as event dims: one joint likelihood
+    per particle, as :func:`~pyro_rws.simulate` stores them.
+    """
+
+    def __init__(self, plate_nesting: int):
+        super().__init__()
+        self.plate_nesting = plate_nesting
+
+    def _process_message(self, msg) -> None:
+        if msg["type"] == "sample" and msg["is_observed"] and is_sample(msg):
+            extra = len(msg["fn"].batch_shape) - self.plate_nesting - 1
+            if extra > 0 and not any(f.vectorized for f in plate_frames(msg)):
+                msg["fn"] = msg["fn"].to_event(extra)
+
+
+def _without_density(site: dict) -> str | None:
+    fn = site["fn"]
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    name = site["name"]
+    if is_deterministic(site) or isinstance(fn, dist.Delta):
+        return f"observed site '{name}' is a deterministic function of the latents (a Delta)"
+    try:
+        site["fn"].log_prob(site["value"])
+    except NotImplementedError:
+        return f"observed site '{name}' has no log_prob ({type(site['fn']).__name__})"
+    return None
+
+
+def _no_likelihood(model, args, kwargs) -> str | None:
+    with torch.random.fork_rng(devices=_cuda_devices()), poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    for site in trace.nodes.values():
+        if is_sample(site) and site["is_observed"]:
+            reason = _without_density(site)
+            if reason is not None:
+                return reason
+    return None
+
+
+def _device(trace) -> torch.device:
+    values = [s["value"] for s in trace.nodes.values() if is_latent(s)]
+    return values[0].device if values else torch.device("cpu")
+
+
+@torch.no_grad()
+def importance_posterior(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 10_000,
+    chunk_size: int = 1000,
+    observations: Mapping | None = None,
+    keep_particles: bool = True,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+) -> ImportancePosterior:
+    r"""
+    The posterior of the observed data by importance sampling with the guide as proposal (see
+    :mod:`pyro_rws.posterior`): ``num_particles`` weighted particles, their effective sample
+    size, :math:`\log \hat p(x)`, and resampled posterior draws.
+
+    Example (sbibm's simulator, an amortized guide trained by :func:`~pyro_rws.fit_guide`)::
+
+        posterior = pyro_rws.importance_posterior(
+            model, guide, observations={"data": x_o}, num_particles=100_000)
+        print(posterior.effective_sample_size / posterior.num_particles)
+        theta = posterior.sample(10_000)["parameters"]
+
+    :param model: the model, conditioned on the data (``obs=`` of its arguments, or
+        ``observations``); ``*args`` and ``**kwargs`` go to model and guide.
+    :param guide: the proposal, e.g. a guide trained by :func:`~pyro_rws.fit_guide`.
+    :param int num_particles: K.
+    :param int chunk_size: particles per vectorized run (memory for traces).
+    :param dict observations: ``{site: value}`` to condition the model on
+        (``poutine.condition``), also passed to a guide with an ``observations`` keyword.
+    :param bool keep_particles: keep the latents of every particle (for
+        :meth:`~pyro_rws.ImportancePosterior.sample`).
+    :param int max_plate_nesting: nested plates (guessed from one run of the model).
+    :rtype: ImportancePosterior
+    """
+    K = check_count("num_particles", num_particles, 1)
+    chunk_size = check_count("chunk_size", chunk_size, 1)
+    check_guide(guide, sleep=False)
+    if observations is not None:
+        model = poutine.condition(model, data=dict(observations))
+        if accepts_observations(guide):
+            inner = guide
+
+            def guide(*a, **kw):
+                return inner(*a, observations=observations, **kw)
+
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_plate_nesting(model, args, kwargs)
+    model = _FoldBatch(max_plate_nesting)(model)
+    reason = _no_likelihood(model, args, kwargs)
+    if reason is not None:
+        warnings.warn(
+            f"importance_posterior cannot reweight the guide's samples: {reason}, so the model "
+            "has no likelihood p(x | z) to weight by. It returns the guide's samples, "
+            "unweighted (reweighted=False); log_evidence and the effective sample size are not "
+            "available. Give the observed site a distribution with a density to reweight.",
+            UserWarning,
+            stacklevel=3,
+        )
+    latents, chunks, total, minibatch, batch_dims = {}, [], None, None, ()
+    for start in range(0, K, chunk_size):
+        size = min(chunk_size, K - start)
+        if reason is None:
+            runs, minibatch = wake_traces(
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=size,
+                vectorize=True,
+                plate_nesting=max_plate_nesting,
+                minibatch=minibatch,
+            )
+            lw = log_weights(
+                runs,
+                plate_nesting=max_plate_nesting,
+                vectorized=True,
+                subsample_remedy=_SUBSAMPLE_REMEDY,
+            ).log_w
+            chunk = torch.logsumexp(lw, 0)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+            guide_trace = runs[0][1]
+            if start == 0:
+                frames = sorted(_batch_plates(runs, True, _SUBSAMPLE_REMEDY)[0].values(), key=str)
+                if all(f.vectorized for f in frames):  # else sample() says it cannot
+                    frames = sorted(frames, key=lambda f: f.dim)
+                    batch_dims = tuple(max_plate_nesting + f.dim for f in frames)
+                else:
+                    batch_dims = None
+        else:
+            fn = in_particle_plate(guide, size, max_plate_nesting)
+            guide_trace = SampleTrace(detach=True)(fn).get_trace(*args, **kwargs)
+            lw = torch.zeros(size, device=_device(guide_trace))
+        chunks.append(lw)
+        if keep_particles:
+            for name, site in guide_trace.nodes.items():
+                if is_latent(site):
+                    value = site["value"].detach()
+                    if value.shape[:1] != (size,):
+                        raise ValueError(
+                            f"guide site '{name}' has shape {tuple(value.shape)}, without the "
+                            f"particle dim in front (max_plate_nesting={max_plate_nesting})"
+                        )
+                    latents.setdefault(name, []).append(value)
+    lw = torch.cat(chunks)
+    normalized = lw - torch.logsumexp(lw, 0)
+    log_evidence = None if total is None else total - math.log(K)
+    if log_evidence is not None:
+        check_finite_bound(log_evidence, lw)  # with validation on: a clear error if all w = 0
+    latents = {n: torch.cat(v) for n, v in latents.items()} if keep_particles else None
+    return ImportancePosterior(
+        latents, normalized, log_evidence, reason is None, reason, batch_dims
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The sleep-phi loss on stored simulations
+# --------------------------------------------------------------------------------------------
+def _in_particle_plate() -> bool:
+    return any(getattr(m, "name", None) == PARTICLE_PLATE for m in _PYRO_STACK)
+
+
+class _Replayed(poutine.messenger.Messenger):
+    """Give each site its stored value, plates and (for observations) its fantasy marks."""
+
+    def __init__(self, stand_in: _StandIn, values: dict, obs: dict):
+        super().__init__()
+        self.stand_in, self.values, self.obs = stand_in, values, obs
+
+    def _process_message(self, msg) -> None:
+        name = msg["name"]
+        if msg["type"] != "sample" or name not in self.values:
+            return
+        msg["value"] = self.values[name]
+        msg["cond_indep_stack"] = self.stand_in.frames[name] + msg["cond_indep_stack"]
+        if name in self.obs:
+            msg["infer"] = {"was_observed": True, "obs": self.obs[name]}
+
+
+class _StandIn:
+    """
+    The model as the sleep phase sees it, rebuilt from the recorded sites with the stored
+    values: every latent and observation at its stored value, in its plates, with its event
+    dim, and each observation marked as the fantasy of the argument its ``obs=`` was (or of
+    none). Inside the particle plate it serves the whole minibatch; outside (a guide that does
+    not broadcast, run once per simulation) one simulation per call.
+    """
+
+    def __init__(self, sites, values: dict, nesting: int):
+        self.sites = [s for s in sites if not (s.deterministic and not s.observed)]
+        self.values, self.nesting, self.count = values, nesting, 0
+        self.frames = {s.name: tuple(s.frames) for s in self.sites}
+
+    def __call__(self, *args, **kwargs):
+        if _in_particle_plate():
+            values = {s.name: self.values[s.name] for s in self.sites}
+        else:
+            k, self.count = self.count, self.count + 1
+            values = {s.name: self.values[s.name][k].reshape(s.run_shape) for s in self.sites}
+        obs = {}
+        for s in self.sites:
+            if s.observed:
+                slot = s.obs_slot
+                obs[s.name] = (
+                    args[slot]
+                    if isinstance(slot, int) and slot < len(args)
+                    else kwargs.get(slot)
+                    if isinstance(slot, str)
+                    else None
+                )
+        with _Replayed(self, values, obs):
+            for s in self.sites:
+                shape = values[s.name].shape[1:] if _in_particle_plate() else s.run_shape
+                event_dim = s.event_dim
+                if _in_particle_plate() and s.observed:
+                    event_dim = max(event_dim, len(shape) - self.nesting)
+                split = len(shape) - event_dim
+                fn = ImproperUniform(constraints.real, shape[:split], shape[split:])
+                pyro.sample(s.name, fn)
+
+
+def _keyword_placeholders(simulations: Simulations, kwargs: dict) -> dict:
+    """
+    For an observation recorded as the fantasy of an unset keyword of the model (``x=None``), a
+    placeholder in that keyword, so the sleep phase routes the stored value there.
+    """
+    runs = [(simulations.sites, simulations.values)] if simulations.values is not None else []
+    for sites, values in runs or simulations.runs:
+        for s in sites:
+            if s.observed and isinstance(s.obs_slot, str) and kwargs.get(s.obs_slot) is None:
+                kwargs = {**kwargs, s.obs_slot: values[s.name].new_empty(0)}
+    return kwargs
+
+
+def sleep_loss(
+    model: Callable,
+    guide: Callable,
+    simulations: Simulations,
+    *args,
+    fantasy_args=None,
+    **kwargs,
+) -> torch.Tensor:
+    r"""
+    The sleep-phi loss :math:`-\frac{1}{B} \sum_i \log q_\phi(z_i | x_i)` on the ``B`` stored
+    simulations, with gradients for the guide: :class:`~pyro_rws.SleepPhaseLoss`'s value on
+    fantasies equal to them (the guide is called with the stored observations as the sleep
+    phase calls it, see ``fantasy_args``, and scored at the stored latents, all ``B`` in one
+    particle plate). ``*args`` and ``**kwargs`` are those the model was simulated with (by
+    default ``simulations.args``). The model itself is not run (its recorded structure
+    stands in for it).
+    """
+    return _sleep_loss(model, guide, simulations, args, kwargs, fantasy_args, SleepState())
+
+
+def _sleep_loss(model, guide, simulations, args, kwargs, fantasy_args, state) -> torch.Tensor:
+    """:func:`sleep_loss` with the sleep phase's state kept by the caller (:func:`fit_guide`)."""
+    if not args and not kwargs:
+        args, kwargs = simulations.args, simulations.kwargs
+    kwargs = _keyword_placeholders(simulations, kwargs)
+    options = dict(plate_nesting=simulations.plate_nesting, fantasy_args=fantasy_args, state=state)
+    if simulations.values is not None:
+        stand_in = _StandIn(simulations.sites, simulations.values, simulations.plate_nesting)
+        B = len(simulations)
+        runs = sleep_traces(
+            stand_in, guide, args, kwargs, num_particles=B, vectorize=True, **options
+        )
+        return -sleep_log_q(runs, B)
+    total = 0.0
+    for sites, values in simulations.runs:
+        stacked = {name: v.unsqueeze(0) for name, v in values.items()}
+        stand_in = _StandIn(sites, stacked, simulations.plate_nesting)
+        runs = sleep_traces(
+            stand_in, guide, args, kwargs, num_particles=1, vectorize=False, **options
+        )
+        total = total + sleep_log_q(runs, 1)
+    return -total / len(simulations)
+
+
+@dataclass
+class FitHistory:
+    """What :func:`~pyro_rws.fit_guide` did: losses per epoch, the epoch whose weights it kept."""
+
+    train_loss: list = field(default_factory=list)
+    validation_loss: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_validation_loss: float = math.inf
+    num_steps: int = 0
+    converged: bool = False  # stopped early (no improvement for stop_after_epochs epochs)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.train_loss)
+
+
+def _guide_parameters(guide, capture) -> list:
+    params = {
+        id(site["value"].unconstrained()): site["value"].unconstrained()
+        for site in capture.trace.nodes.values()
+        if site["type"] == "param"
+    }
+    owner = guide if isinstance(guide, torch.nn.Module) else getattr(guide, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        params.update({id(p): p for p in owner.parameters()})
+    return [p for p in params.values() if p.requires_grad]
+
+
+def fit_guide(
+    model: Callable,
+    guide: Callable,
+    simulations: Simulations,
+    *args,
+    batch_size: int = 200,
+    learning_rate: float = 5e-4,
+    validation_fraction: float = 0.1,
+    stop_after_epochs: int = 20,
+    max_epochs: int | None = None,
+    clip_max_norm: float | None = 5.0,
+    fantasy_args=None,
+    seed: int | None = None,
+    progress: bool | None = None,
+    **kwargs,
+) -> FitHistory:
+    r"""
+    Fit the guide to exactly the given simulations by the sleep-phi loss of
+    :class:`~pyro_rws.SleepPhaseLoss` (neural posterior estimation): epochs over shuffled
+    minibatches of the training part, Adam, and after each epoch the loss on the validation
+    part; training stops when it has not improved for ``stop_after_epochs`` epochs, and the
+    guide's parameters of the best epoch are restored. The defaults are ``sbi``'s.
+
+    The guide is called as the sleep phase calls it (see
+    :func:`~pyro_rws.posterior.sleep_loss`), with the arguments the model was simulated with
+    (``*args``, ``**kwargs``; by default those that :func:`~pyro_rws.simulate` was given,
+    ``simulations.args``). Its parameters are those it creates with ``pyro.param`` or
+    ``pyro.module`` (found by running it once), and those of the guide itself if it is a
+    :class:`torch.nn.Module` (or a method of one).
+
+    :param ~pyro_rws.Simulations simulations: from :func:`~pyro_rws.simulate`.
+    :param int batch_size: simulations per gradient step.
+    :param float learning_rate: Adam's learning rate.
+    :param float validation_fraction: the part held out for early stopping (0: none; then
+        training runs ``max_epochs`` and keeps the last parameters).
+    :param int stop_after_epochs: epochs without improvement of the validation loss to stop.
+    :param int max_epochs: at most this many epochs (default: no limit with a validation
+        part, else 100).
+    :param float clip_max_norm: clip the gradient norm (None: no clipping).
+    :param fantasy_args: as for :class:`~pyro_rws.SleepPhaseLoss`.
+    :param int seed: fixes the split and the order of the minibatches.
+    :param bool progress: show a progress bar (default: in a terminal or notebook).
+    :returns: the losses per epoch, the best epoch.
+    :rtype: FitHistory
+    """
+    batch_size = check_count("batch_size", batch_size, 1)
+    if not args and not kwargs:
+        args, kwargs = simulations.args, simulations.kwargs
+    stop_after_epochs = check_count("stop_after_epochs", stop_after_epochs, 1)
+    generator = torch.Generator()
+    generator.manual_seed(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
+    split_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    train, val = simulations.split(validation_fraction, seed=split_seed)
+    if len(train) == 0:
+        raise ValueError(
+            f"no training simulations: {len(simulations)} with "
+            f"validation_fraction={validation_fraction}"
+        )
+    if max_epochs is None:
+        max_epochs = 2**31 - 1 if len(val) else 100
+    max_epochs = check_count("max_epochs", max_epochs, 1)
+    state = SleepState()
+
+    def loss_on(part):
+        return _sleep_loss(model, guide, part, args, kwargs, fantasy_args, state)
+
+    def mean_loss(part) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(part), batch_size):
+                batch = part[i : i + batch_size]
+                total = total + loss_on(batch) * len(batch)
+        return float(total) / len(part)
+
+    with poutine.trace(param_only=True) as capture:
+        loss_on(train[:1])
+    params = _guide_parameters(guide, capture)
+    if not params:
+        raise ValueError(
+            "the guide has no parameters to fit (no pyro.param, pyro.module or "
+            "nn.Module parameters)"
+        )
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    history, best, since_best = FitHistory(), None, 0
+    with _bar(
+        max_epochs if max_epochs < 2**31 - 1 else None, progress, "fit_guide", "epoch"
+    ) as bar:
+        for epoch in range(max_epochs):
+            perm = torch.randperm(len(train), generator=generator)
+            total = 0.0  # a tensor after the first step: one host sync per epoch
+            for start in range(0, len(train), batch_size):
+                batch = train.subset(perm[start : start + batch_size])
+                optimizer.zero_grad()
+                loss = loss_on(batch)
+                loss.backward()
+                if clip_max_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+                optimizer.step()
+                total = total + loss.detach() * len(batch)
+                history.num_steps += 1
+            history.train_loss.append(float(total) / len(train))
+            bar.update(1)
+            if not len(val):
+                bar.set_postfix(train=f"{history.train_loss[-1]:.4g}")
+                continue
+            history.validation_loss.append(mean_loss(val))
+            bar.set_postfix(
+                train=f"{history.train_loss[-1]:.4g}", val=f"{history.validation_loss[-1]:.4g}"
+            )
+            if history.validation_loss[-1] < history.best_validation_loss:
+                history.best_validation_loss = history.validation_loss[-1]
+                history.best_epoch, since_best = epoch, 0
+                best = [p.detach().clone() for p in params]
+            else:
+                since_best += 1
+                if since_best >= stop_after_epochs:
+                    history.converged = True
+                    break
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best, strict=True):
+                p.copy_(b)
+    elif not len(val):
+        history.best_epoch = history.epochs - 1
+    return history
