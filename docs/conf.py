@@ -32,6 +32,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(torch|pyro|numpy|collections\.abc|typing)(\..+)?"),
     # a type alias in the annotations of ``fantasy_args`` (documented in the sleep-phase text)
     (r"py:class", r"(pyro_rws\.\w+\.)?FantasyArgs"),
+    # torch.nn spelled short in annotations (``nn.Module``, ``Module``) and ``callable``
+    (r"py:class", r"(nn\.)?Module|callable"),
 ]
 html_theme = "alabaster"
 exclude_patterns = ["_build"]

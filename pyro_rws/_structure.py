@@ -220,6 +220,9 @@ def check_model_guide_match(
         key = _structure_key(model_trace, guide_trace, phase, plate_nesting)
         checked = _CHECKED.get(key) if key is not None else None
         if checked is not None:  # this structure passed before: only the shapes remain
+            if phase == "sleep":  # validation on or off
+                for name in checked:
+                    check_fantasy_shape(name, guide_trace.nodes[name])
             if is_validation_enabled():
                 for name in checked:
                     _check_shapes(name, model_trace.nodes[name], guide_trace.nodes[name], where)
@@ -299,11 +302,11 @@ def check_model_guide_match(
     if key is not None:
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
-        _CHECKED[key] = tuple(model_latents)
+        _CHECKED[key] = tuple(shared)
 
 
-#: Structures (:func:`_structure_key`) that passed :func:`check_model_guide_match`, with their
-#: model latents: with sequential particles most runs repeat a structure already checked.
+#: Structures (:func:`_structure_key`) that passed :func:`check_model_guide_match`, with the
+#: latents shared by model and guide (whose shapes are checked on every call): with sequential particles most runs repeat a structure already checked.
 _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 

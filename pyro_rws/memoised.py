@@ -3,7 +3,7 @@
 r"""
 Memoised wake-sleep (:class:`MemoisedWakeSleep`): MWS [1] for guides whose latents are all
 discrete, hybrid memoised wake-sleep (HMWS [2]) when the guide also samples continuous latents.
-Its tests are tests/test_memoised.py; the memory itself is in :mod:`pyro_rws._memory`.
+Its tests are tests/test_memoised.py; the memory itself is in ``pyro_rws._memory``.
 
 Write the guide's latents as :math:`z = (d, c)`: :math:`d` the sites with enumerable support
 (Bernoulli, Categorical, ...), :math:`c` the others. For each datapoint :math:`x_n` the loss

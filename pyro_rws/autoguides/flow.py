@@ -15,7 +15,7 @@ them) and its observed values :math:`x`, the guide is
 with :math:`c_k = (e(x), \theta_{<k})` the context (:math:`e` the observation embedding of
 :mod:`pyro_rws.autoguides.embedding`, previous sites in their unconstrained form), :math:`f_k` a
 conditional flow, :math:`(\mu_k, \sigma_k)` the standardization of the unconstrained
-:math:`\theta_k` (from simulations, :meth:`AutoAmortizedFlow.standardize`) and
+:math:`\theta_k` (from simulations, :meth:`~pyro_rws.AutoAmortizedFlow.standardize`) and
 :math:`T_k = \texttt{biject\_to}(\text{support}_k)` the bijection onto the prior's support, as in
 Pyro's autoguides: no sample falls outside the prior's support. Each site is a
 :class:`~pyro.distributions.TransformedDistribution`, so its ``log_prob`` at a given value is

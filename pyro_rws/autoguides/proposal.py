@@ -338,7 +338,7 @@ class AutoAmortizedProposal(nn.Module):
     :mod:`torch.optim` optimizer, create the addresses first, ``guide.prepare(*args)`` (runs the
     guide on simulations from the model), then build the optimizer on
     ``guide.parameters()``; an address first met after :meth:`prepare` is passed to
-    :attr:`on_new_address` (``guide.on_new_address = lambda name, params:
+    ``on_new_address`` (``guide.on_new_address = lambda name, params:
     optimizer.add_param_group({"params": params})``) or, if that is None, warned about.
 
     A model with stochastic control flow (a Python loop over a sampled count) needs
