@@ -306,7 +306,8 @@ def check_model_guide_match(
 
 
 #: Structures (:func:`_structure_key`) that passed :func:`check_model_guide_match`, with the
-#: latents shared by model and guide (whose shapes are checked on every call): with sequential particles most runs repeat a structure already checked.
+#: latents shared by model and guide (whose shapes are checked on every call): with sequential
+#: particles most runs repeat a structure already checked.
 _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 
