@@ -57,25 +57,35 @@ def log_evidence(
     total, minibatch = None, None
     for start in range(0, K, chunk_size):
         size = min(chunk_size, K - start)
-        runs, minibatch = wake_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=size,
-            vectorize=True,
-            plate_nesting=max_plate_nesting,
-            minibatch=minibatch,
+        _, lw, minibatch = chunk_log_weights(
+            model, guide, args, kwargs, size, max_plate_nesting, minibatch, _SUBSAMPLE_REMEDY
         )
-        lw = log_weights(
-            runs,
-            plate_nesting=max_plate_nesting,
-            vectorized=True,
-            subsample_remedy=(
-                "log_evidence estimates log p(x) per datapoint: evaluate on the full data "
-                "(without subsampling the plate), or put every latent inside the data plate."
-            ),
-        )
-        chunk = torch.logsumexp(lw.log_w, 0)
+        chunk = torch.logsumexp(lw, 0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
     return total - math.log(K)
+
+
+_SUBSAMPLE_REMEDY = (
+    "log_evidence estimates log p(x) per datapoint: evaluate on the full data "
+    "(without subsampling the plate), or put every latent inside the data plate."
+)
+
+
+def chunk_log_weights(model, guide, args, kwargs, size, plate_nesting, minibatch, remedy):
+    """
+    One chunk of ``size`` vectorized particles: ``(runs, log_w, minibatch)``, the wake runs,
+    their log-weights (particles first) and the minibatch to replay in the next chunk. The one
+    step of :func:`log_evidence` and :func:`~pyro_rws.importance_posterior`.
+    """
+    runs, minibatch = wake_traces(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles=size,
+        vectorize=True,
+        plate_nesting=plate_nesting,
+        minibatch=minibatch,
+    )
+    lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=True, subsample_remedy=remedy)
+    return runs, lw.log_w, minibatch

@@ -64,8 +64,9 @@ from ._structure import (
     is_sample,
     plate_frames,
 )
-from ._traces import SampleTrace, _cuda_devices, guess_plate_nesting, in_particle_plate, wake_traces
-from ._weights import _batch_plates, check_finite_bound, effective_sample_size, log_weights
+from ._traces import SampleTrace, _cuda_devices, guess_plate_nesting, in_particle_plate
+from ._weights import _batch_plates, check_finite_bound, effective_sample_size
+from .evaluation import chunk_log_weights
 from .simulation import Simulations, _bar
 
 # --------------------------------------------------------------------------------------------
@@ -261,22 +262,9 @@ def importance_posterior(
     for start in range(0, K, chunk_size):
         size = min(chunk_size, K - start)
         if reason is None:
-            runs, minibatch = wake_traces(
-                model,
-                guide,
-                args,
-                kwargs,
-                num_particles=size,
-                vectorize=True,
-                plate_nesting=max_plate_nesting,
-                minibatch=minibatch,
+            runs, lw, minibatch = chunk_log_weights(
+                model, guide, args, kwargs, size, max_plate_nesting, minibatch, _SUBSAMPLE_REMEDY
             )
-            lw = log_weights(
-                runs,
-                plate_nesting=max_plate_nesting,
-                vectorized=True,
-                subsample_remedy=_SUBSAMPLE_REMEDY,
-            ).log_w
             chunk = torch.logsumexp(lw, 0)
             total = chunk if total is None else torch.logaddexp(total, chunk)
             guide_trace = runs[0][1]
