@@ -18,7 +18,7 @@ resumes). rrws runs through its own ``train.train_wake_wake`` / ``train_wake_sle
 grammar, as the paper plots) called from a callback every ``--eval-every`` iterations.
 Estimators: rws = RWS(K, insomnia=1) vs rrws ``ww``; ws-le = RWS(K, insomnia=0,
 num_sleep_particles=K) vs rrws ``ws``; vimco = VIMCO(K) vs rrws ``vimco``; ws = WakeSleepELBO
-(pyro_rws only); reinforce = rrws only (pyro_rws has no IWAE score-function loss).
+(pyro_rws only); reinforce = VIMCO(K, baseline=None) vs rrws ``reinforce``.
 
 ``check`` compares the gradients of one step of pyro_rws's RWS and VIMCO with rrws's wake-theta
 / wake-phi and VIMCO losses on the same particles (exact up to float32 rounding).
@@ -142,9 +142,7 @@ def run(args) -> None:
         for k in args.particles:
             for est in args.estimators:
                 for impl in ("rrws", "pyro_rws"):
-                    if (impl == "rrws" and est == "ws") or (
-                        impl == "pyro_rws" and est == "reinforce"
-                    ):
+                    if impl == "rrws" and est == "ws":
                         continue
                     out = OUT / f"{impl}_{est}_K{k}_s{seed}_i{args.iterations}.json"
                     if out.exists() or out.with_suffix(".running").exists():

@@ -85,6 +85,12 @@ class VIMCO(WakeSleepLoss):
     Weights are per datapoint, with the plate and subsampling semantics of
     :class:`~pyro_rws.ReweightedWakeSleep` (the same code builds them).
 
+    **Without baselines** (``baseline=None``) the learning signal of every particle is the bound
+    itself, :math:`\mathrm{sg}(\hat L)`: the plain multi-sample score-function (REINFORCE)
+    estimator of the same gradient, the "REINFORCE" of Le et al. [3] (rrws's
+    ``get_reinforce_loss``). It is unbiased too, with a higher variance; it exists as the
+    baseline that papers compare against, and allows ``num_particles=1``.
+
     **Value.** The negative bound :math:`-\sum_n \frac{N}{B} \hat L_n`, as for RWS. Terms are in
     :attr:`stats`.
 
@@ -107,6 +113,9 @@ class VIMCO(WakeSleepLoss):
     <<retain_graph>>
     :param bool dreg: use the doubly reparameterized gradient (IWAE-DReG [4]) for guide sites with
         ``rsample``. Default False.
+    :param baseline: the control variate of the score-function term: ``"leave-one-out"``
+        (VIMCO's, the default) or ``None`` (REINFORCE, no control variate).
+    :type baseline: str or None
 
     References
 
@@ -134,17 +143,24 @@ class VIMCO(WakeSleepLoss):
         *,
         retain_graph: bool | None = None,
         dreg: bool = False,
+        baseline: str | None = "leave-one-out",
     ):
         dreg = check_dreg(dreg)
+        if baseline not in ("leave-one-out", None):
+            raise ValueError(
+                f"VIMCO: baseline must be 'leave-one-out' or None (no control variate), got "
+                f"{baseline!r}"
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
-            min_particles=1 if dreg else 2,
+            min_particles=1 if dreg or baseline is None else 2,
             why_min=" (VIMCO's leave-one-out baselines need another particle)",
         )
         self.dreg = dreg
+        self.baseline = baseline
         self._dreg_warning = DRegWarningOnce()
 
     def _terms(self, model, guide, args, kwargs):
@@ -152,7 +168,7 @@ class VIMCO(WakeSleepLoss):
         runs, _ = self._wake(model, guide, args, kwargs, plate_nesting, detach=False)
         if self.dreg:
             any_reparameterized, all_reparameterized = reparameterized_sites(runs)
-            if self.num_particles == 1 and not all_reparameterized:
+            if self._loo_baseline and self.num_particles == 1 and not all_reparameterized:
                 raise ValueError(
                     "VIMCO(num_particles=1, dreg=True) needs every guide site to be "
                     "reparameterized (with one particle there is no leave-one-out baseline for "
@@ -174,12 +190,12 @@ class VIMCO(WakeSleepLoss):
         bound_n = log_mean_exp(log_w)
         bound_detached = bound_n.detach()
         check_finite_bound(bound_detached, log_w_detached, runs)
-        if self.num_particles > 1:
-            baseline = leave_one_out_bounds(log_w_detached)
-            learning_signal = bound_detached.unsqueeze(0) - baseline  # (K, *batch)
-            surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()
-        else:  # K = 1 only with dreg=True, every site reparameterized, and no gradient wanted
+        if self._loo_baseline and self.num_particles == 1:
+            # K = 1 only with dreg=True, every site reparameterized, and no gradient wanted
             surrogate = -lw.scale * bound_n.sum()
+        else:
+            learning_signal = self._learning_signal(bound_detached, log_w_detached)  # (K, *batch)
+            surrogate = -lw.scale * ((learning_signal * lw.log_q_score).sum(0) + bound_n).sum()
         return self._finish_terms(lw.scale, bound_detached, log_w_detached, surrogate)
 
     def _dreg_terms(self, model, guide, args, kwargs, runs, plate_nesting):
@@ -192,14 +208,23 @@ class VIMCO(WakeSleepLoss):
         # theta: grad of -sum_k sg(wbar_k) log p(x, sg z_k), the gradient of -bound in theta
         log_p = torch.where(weights > 0, lw.log_p, 0.0)
         terms = weights * log_p + weights.square() * dw.path  # IWAE-DReG for rsample sites
-        if self.num_particles > 1:
+        if not (self._loo_baseline and self.num_particles == 1):
             # score-function sites: VIMCO's learning signal, less the wbar_k that the pathwise
             # gradient of the bound would have given them (their parents attached)
-            baseline = leave_one_out_bounds(log_w_detached)
-            learning_signal = bound_detached.unsqueeze(0) - baseline
+            learning_signal = self._learning_signal(bound_detached, log_w_detached)
             terms = terms + (learning_signal - weights) * dw.log_q_score
         surrogate = -lw.scale * terms.sum()
         return self._finish_terms(lw.scale, bound_detached, log_w_detached, surrogate)
+
+    @property
+    def _loo_baseline(self) -> bool:
+        return self.baseline == "leave-one-out"
+
+    def _learning_signal(self, bound_detached, log_w_detached):
+        """Per-particle learning signal of the score-function term, ``(K, *batch)``."""
+        if self._loo_baseline:
+            return bound_detached.unsqueeze(0) - leave_one_out_bounds(log_w_detached)
+        return bound_detached.unsqueeze(0).expand_as(log_w_detached)
 
     def _finish_terms(self, scale, bound_detached, log_w_detached, surrogate):
         bound = scale * bound_detached.sum()

@@ -168,7 +168,7 @@ def test_train_a_few_steps(estimator):
     )
     assert moved
     with pytest.raises(ValueError, match="unknown estimator"):
-        pcfg.train("reinforce", 2, 1)
+        pcfg.train("nvil", 2, 1)
 
 
 def test_cli_quick(tmp_path, capsys):
@@ -195,4 +195,4 @@ def test_cli_quick(tmp_path, capsys):
     assert "PCFG (astronomers)" in out and "model error" in out and "inference error" in out
     assert "NP learned" in out
     assert (tmp_path / "pcfg.png").read_bytes()[:4] == b"\x89PNG"
-    assert cli.main(["pcfg", "--estimators", "reinforce"]) == 2
+    assert cli.main(["pcfg", "--estimators", "nvil"]) == 2

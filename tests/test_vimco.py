@@ -15,11 +15,14 @@ X = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("vectorized", [True, False])
-@pytest.mark.parametrize("K", [2, 3])
-def test_expected_gradient_is_exact_gradient_of_expected_bound(K, vectorized):
-    """VIMCO is unbiased for grad E[IWAE_K], in theta and in phi (enumerating K-tuples)."""
+@pytest.mark.parametrize(
+    "K, baseline", [(2, "leave-one-out"), (3, "leave-one-out"), (1, None), (2, None), (3, None)]
+)
+def test_expected_gradient_is_exact_gradient_of_expected_bound(K, baseline, vectorized):
+    """VIMCO, and REINFORCE (``baseline=None``), are unbiased for grad E[IWAE_K], in theta and
+    in phi (enumerating K-tuples)."""
     init_params()
-    loss = VIMCO(K, max_plate_nesting=1, vectorize_particles=vectorized)
+    loss = VIMCO(K, max_plate_nesting=1, vectorize_particles=vectorized, baseline=baseline)
     grads, value = expected_grad(loss, X, K, THETA + PHI, vectorized)
     target = -sum(iwae(int(x), K) for x in X)
     for g, t in zip(grads, torch.autograd.grad(target, params(THETA + PHI)), strict=True):
@@ -45,6 +48,30 @@ def test_leave_one_out_baselines():
 def test_needs_two_particles():
     with pytest.raises(ValueError, match="at least 2"):
         VIMCO(1)
+
+
+def test_baseline_argument():
+    with pytest.raises(ValueError, match="baseline must be 'leave-one-out' or None"):
+        VIMCO(2, baseline="mean")
+
+
+def test_reinforce_differs_from_vimco_only_in_the_guide_gradient():
+    """Same draws: the same value and model gradient; the guide gradient's learning signal
+    is the bound itself, not the bound less the leave-one-out baseline."""
+    init_params()
+    grads = []
+    for baseline in ("leave-one-out", None):
+        pyro.set_rng_seed(3)
+        loss = VIMCO(3, max_plate_nesting=1, baseline=baseline)
+        value = loss.differentiable_loss(_discrete_model, _discrete_guide, X)
+        grads.append((value, torch.autograd.grad(value, params(THETA + PHI))))
+    (v0, g0), (v1, g1) = grads
+    torch.testing.assert_close(v0, v1)
+    for a, b in zip(g0[: len(THETA)], g1[: len(THETA)], strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(
+        not torch.allclose(a, b) for a, b in zip(g0[len(THETA) :], g1[len(THETA) :], strict=True)
+    )
 
 
 def test_theta_gradient_equals_rws_wake_theta():

@@ -65,6 +65,12 @@ ESTIMATORS: dict[str, Estimator] = {
         2,
         "VIMCO: IWAE bound with leave-one-out baselines",
     ),
+    "reinforce": Estimator(
+        "REINFORCE (IWAE)",
+        lambda k: VIMCO(num_particles=k, max_plate_nesting=1, baseline=None),
+        1,
+        "IWAE bound with the plain score-function gradient (VIMCO without baselines)",
+    ),
     "pyro-rws": Estimator(
         "Pyro RWS (joint)",
         _pyro_rws,

@@ -18,6 +18,7 @@ PCFG_ESTIMATOR_HELP = {
     "ws-le": "wake-sleep of Le et al.: RWS(K, insomnia=0, num_sleep_particles=K) (rrws 'ws')",
     "ws": "classic wake-sleep: WakeSleepELBO(K, num_sleep_particles=K)",
     "vimco": "VIMCO(K) (rrws 'vimco')",
+    "reinforce": "IWAE, score-function gradient: VIMCO(K, baseline=None) (rrws 'reinforce')",
 }
 
 PCFG_DESCRIPTION = (
@@ -28,9 +29,9 @@ PCFG_DESCRIPTION = (
     "guide is rrws's recurrent inference network. Every iteration draws a fresh batch of "
     "sentences from the true grammar (astronomers). Reports model error (mean over "
     "non-terminals of KL(true production probabilities || learned)), inference error "
-    "(-mean log q(z|x) on 100 fresh (z, x) from the true grammar) and ms per iteration. No "
-    "REINFORCE: pyro_rws has no IWAE score-function loss. The full grid is slow (about 0.1 s "
-    "per particle and iteration on one core): start with --quick or one K."
+    "(-mean log q(z|x) on 100 fresh (z, x) from the true grammar) and ms per iteration. The "
+    "full grid is slow (about 0.1 s per particle and iteration on one core): start with "
+    "--quick or one K."
 )
 
 

@@ -357,6 +357,7 @@ ESTIMATORS: dict[str, tuple[Callable[[int], object], str | None]] = {
     "ws-le": (lambda k: RWS(k, insomnia=0.0, num_sleep_particles=k, **_SEQUENTIAL), "ws"),
     "ws": (lambda k: WakeSleepELBO(k, num_sleep_particles=k, **_SEQUENTIAL), None),
     "vimco": (lambda k: VIMCO(k, **_SEQUENTIAL), "vimco"),
+    "reinforce": (lambda k: VIMCO(k, baseline=None, **_SEQUENTIAL), "reinforce"),
 }
 
 
