@@ -6,7 +6,8 @@ sharply peaked. Learns a model from simulated data and reports the held-out log 
 learned model (guide-free, so every method is scored alike), next to the true model's.
 
 ``--model programs`` (default): ``pyro_rws.examples.arithmetic``, programs
-``(a o1 i) o2 b`` on inputs i = 1..4 (900 programs), discrete only: MWS. Held-out log p(x) exact
+``(a o1 i) o2 b`` on inputs i = 1..4 (900 programs; ``--depth 3``: ``((a o1 i) o2 b) o3 c``,
+27,000 programs), discrete only: MWS. Held-out log p(x) exact
 (sum over all programs). Equal compute: 20 model evaluations per datapoint and step:
 
 * ``mws``: ``MemoisedWakeSleep(memory_size=10, num_particles=10)`` (10 memory + 10 proposals);
@@ -107,16 +108,18 @@ class ProgramsHmwsModel:
     """hmws's generative-model interface for the programs model, with a dummy continuous latent
     ``c ~ N(0, 1)`` (hmws's losses need one) that the guide also draws from N(0, 1)."""
 
+    def __init__(self, depth):
+        self.depth = depth
+
     def discrete_latent_sample(self, shape):
-        logits = A.prior_logits()
+        logits = A.prior_logits(depth=self.depth)
         return torch.stack(
-            [torch.distributions.Categorical(logits=logits[s]).sample(shape) for s in A.SITES], -1
+            [torch.distributions.Categorical(logits=v).sample(shape) for v in logits.values()], -1
         )
 
     def log_prob_discrete_continuous(self, d, c, x):
-        return A.log_joint(d, x, A.prior_logits()) + torch.distributions.Normal(0.0, 1.0).log_prob(
-            c
-        )
+        logits = A.prior_logits(depth=self.depth)
+        return A.log_joint(d, x, logits) + torch.distributions.Normal(0.0, 1.0).log_prob(c)
 
     def log_prob(self, latent, x):
         return self.log_prob_discrete_continuous(latent[0], latent[1], x)
@@ -125,7 +128,7 @@ class ProgramsHmwsModel:
         """Fantasies for hmws's sleep loss: ``([programs, c], outputs)``."""
         with torch.no_grad():
             d = self.discrete_latent_sample(sample_shape)
-            mean = A.evaluate(*d.unbind(-1), A.inputs(M_INPUTS))
+            mean = A.evaluate(d, A.inputs(M_INPUTS))
             x = mean + A.NOISE * torch.randn(mean.shape)
         return [d, torch.randn(tuple(sample_shape))], x
 
@@ -164,7 +167,7 @@ SETTINGS = {
 }
 
 
-def make_step(method, guide, num_data, cmws, setting, insomnia=1.0):
+def make_step(method, guide, num_data, cmws, setting, insomnia=1.0, depth=2):
     module, L, Kp, J, P = setting
     if not method.endswith("-code"):
         loss = {
@@ -174,12 +177,14 @@ def make_step(method, guide, num_data, cmws, setting, insomnia=1.0):
             "vimco": lambda: VIMCO(num_particles=P),
         }[method]()
 
+        extra = {"depth": depth} if module is A else {}
+
         def step(x, idx):
-            return loss.differentiable_loss(module.model, guide, x, idx, num_data)
+            return loss.differentiable_loss(module.model, guide, x, idx, num_data, **extra)
 
         return step
     if module is A:
-        hmws_model, hmws_guide = ProgramsHmwsModel(), ProgramsHmwsGuide(guide)
+        hmws_model, hmws_guide = ProgramsHmwsModel(depth), ProgramsHmwsGuide(guide)
     else:
         hmws_model, hmws_guide = HmwsModel(), HmwsGuide(guide)
     if method in ("mws-code", "hmws-code"):
@@ -205,13 +210,13 @@ def run(method, seed, args, data, cmws):
     pyro.clear_param_store()
     torch.manual_seed(1000 + seed)
     module = SETTINGS[args.model][0]
-    guide = module.Guide(x_train.shape[-1])
+    guide = module.Guide(x_train.shape[-1], **({"depth": args.depth} if module is A else {}))
     evaluate = make_evaluate(args)
     evaluate()  # makes the model's parameters
     pyro.module("guide", guide)
     params = [v.unconstrained() for v in pyro.get_param_store().values()]
     optim = torch.optim.Adam(params, lr=args.lr)
-    step = make_step(method, guide, N, cmws, SETTINGS[args.model], args.insomnia)
+    step = make_step(method, guide, N, cmws, SETTINGS[args.model], args.insomnia, args.depth)
     batches = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     curve, seconds = [], 0.0
@@ -239,7 +244,7 @@ def make_evaluate(args):
         with torch.random.fork_rng():
             torch.manual_seed(12345)
             if args.model == "programs":
-                p = A.prior_logits() if params is None else params
+                p = A.prior_logits(depth=args.depth) if params is None else params
                 return None if x is None else A.log_marginal(x, p).mean().item()
             p = K.prior_params() if params is None else params
             if x is None:
@@ -271,6 +276,9 @@ def main():
         help="wake weight of the guide for mws/hmws/rws (and their -code); < 1 adds the sleep "
         "phase (the hmws experiments use 0.5); hmws code with < 1: programs model only",
     )
+    parser.add_argument(
+        "--depth", type=int, default=2, help="programs: operators (2: 900, 3: 27,000 programs)"
+    )
     parser.add_argument("--T", type=int, default=None, help="series length / inputs (20 / 4)")
     parser.add_argument("--hmws-path", default=os.environ.get("HMWS_PATH"))
     parser.add_argument("--out", default=None, help="default: results/memoised_<model>")
@@ -285,7 +293,10 @@ def main():
         "num_test": 200 if programs else 20,
         "batch_size": 20 if programs else 10,
         "T": 4 if programs else 20,
-        "out": str(RESULTS / f"memoised_{args.model}"),
+        "out": str(
+            RESULTS
+            / (f"memoised_{args.model}" + ("" if args.depth == 2 else f"_depth{args.depth}"))
+        ),
     }
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -300,7 +311,7 @@ def main():
         else:
             cmws = import_hmws(args.hmws_path)
     if programs:
-        truth = A.true_logits()
+        truth = A.true_logits(args.depth)
         x_train, _ = A.simulate(args.num_train, args.T, truth, seed=1)
         x_test, _ = A.simulate(args.num_test, args.T, truth, seed=2)
     else:
@@ -319,7 +330,8 @@ def main():
 def report(results, true_logp, args, methods):
     if args.model == "programs":
         what = (
-            f"Programs model (900 programs, {args.T} inputs), {args.num_train} training / "
+            f"Programs model ({len(A.programs(args.depth)):,} programs, depth {args.depth}, "
+            f"{args.T} inputs), {args.num_train} training / "
             f"{args.num_test} test datapoints, B={args.batch_size}, {args.steps} Adam steps "
             f"(lr {args.lr}), insomnia {args.insomnia}, 20 model evaluations per datapoint and "
             f"step (+ one sleep fantasy per datapoint with insomnia < 1); held-out log p(x) per "
