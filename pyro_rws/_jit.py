@@ -24,6 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
+from ._codegen import same_operations, straight_line
 from ._fx import simplify
 from .diagnostics import StepStats
 
@@ -114,6 +115,7 @@ class _Graph:
         self.layout = layout
         self.refs = refs  # keeps model, guide, handlers alive so that their ids stay unique
         self.captured = None
+        self.no_grad = None  # what runs without gradients (loss())
         self.param_shapes = None
         self.last_params = None
 
@@ -266,9 +268,8 @@ class _JitMixin:
         if check:
             devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
             state = _rng_state(devices)
-        # without gradients (loss()) the captured graph runs as is: no second compilation
         grad_mode = torch.is_grad_enabled()
-        run = graph.compiled if grad_mode else graph.captured.forward
+        run = graph.compiled if grad_mode else graph.no_grad
         try:
             value, surrogate, stats = graph.unpack(run(*params, *tensors))
         finally:
@@ -367,8 +368,17 @@ class _JitMixin:
             captured, differentiable_outputs=(1,) if layout[0] else (), grad_inputs=grad_inputs
         )
         compiled = self._compile(captured)
-        # the replay calls forward directly: nn.Module.__call__'s hook machinery is per-call cost
-        graph.compiled = compiled.forward if compiled is captured else compiled
+        if compiled is captured:
+            # straight-line code (pyro_rws._codegen), checked against the graph on this step's
+            # inputs: the public torch functions pick their overloads from the arguments
+            graph.compiled = straight_line(captured)
+            with torch.enable_grad():
+                if not same_operations(captured.forward, graph.compiled, example):
+                    graph.compiled = straight_line(captured, public=False)
+            graph.no_grad = graph.compiled
+        else:
+            # without gradients (loss()) the captured graph runs as is: no second compilation
+            graph.compiled, graph.no_grad = compiled, captured.forward
         graph.layout = layout
         self.compile_count += 1
         return graph

@@ -13,7 +13,9 @@ same generator (so the same draws as the eager loss for the same seed) and none 
 machinery of Pyro in between. Before its first replay the graph is rewritten once (no-op views
 and multiplications dropped, negations moved after sums, autograd recording only where a
 gradient is used; :mod:`pyro_rws._fx`), giving the same numbers bit for bit with a third fewer
-operations. ``jit_options={"backend": "inductor"}`` compiles the recorded
+operations, and replayed as straight-line Python code that calls each operation's C++ entry
+(:mod:`pyro_rws._codegen`; checked on the first replay to dispatch what the graph does).
+``jit_options={"backend": "inductor"}`` compiles the recorded
 graph with :func:`torch.compile` instead: much faster steps, at a compilation of tens of seconds
 per graph (see benchmarks/README.md for both).
 
