@@ -81,9 +81,10 @@ class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     non-tensor argument, model, guide, outer Pyro handler or setting records a new graph (up
     to ``max_graphs`` are kept). The first call per graph runs the step eagerly once
     (which creates parameters and runs the eager checks), records it, and replays it. NaN and
-    infinite values are reported with the eager message by ``loss`` and
-    ``loss_and_grads``, and by ``differentiable_loss`` only with validation on (the check
-    needs a device synchronization).
+    infinite values are reported with the eager message: with validation on, by every
+    method (the same draws replayed eagerly name the site; the check needs a device
+    synchronization); with validation off, by ``loss`` and ``loss_and_grads`` from the float
+    they return, as the eager loss does, and not by ``differentiable_loss``.
     """
 
 
