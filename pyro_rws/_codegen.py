@@ -6,14 +6,15 @@ function of straight-line code, which is how the default backend replays it.
 
 A ``GraphModule``'s code calls each operation as ``torch.ops.aten.X.overload(...)``, whose
 Python ``__call__`` costs a few microseconds before the C++ kernel is reached; on a small
-program that is a fifth of a step. Here every operation is called through its C++ entry: the
+program that is a tenth of a step. Here every operation is called through its C++ entry: the
 public torch function (or tensor method) of its name, which parses its arguments and picks the
 overload in C++, or, where there is none, the overload's own entry (``OpOverload._op``). The
 public function picks its overload from the arguments, so the first replay is checked against
 the graph (:func:`same_operations`: the same operations reach the kernels, on the same shapes,
 with the same outputs bit for bit, from the same random state); where it differs the overloads'
-own entries are used. Intermediate tensors are released after their last use, as in
-``GraphModule``'s code, so the peak memory is the graph's.
+own entries are used, as they are, without a check, for a graph that mutates tensors (a
+checking run would mutate them twice more). Intermediate tensors are released after their last
+use, as in ``GraphModule``'s code, so the peak memory is the graph's.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
 from ._codegen import same_operations, straight_line
-from ._fx import simplify
+from ._fx import _mutates, simplify
 from .diagnostics import StepStats
 
 #: loss settings that change the recorded graph (read with getattr; missing ones are None)
@@ -380,10 +380,12 @@ class _JitMixin:
         compiled = self._compile(captured)
         if compiled is captured:
             # straight-line code (pyro_rws._codegen), checked against the graph on this step's
-            # inputs: the public torch functions pick their overloads from the arguments
-            graph.compiled = straight_line(captured)
+            # inputs: the public torch functions pick their overloads from the arguments (a
+            # graph that mutates tensors is not run for a check: the overloads' own entries)
+            mutates = _mutates(captured.graph)
+            graph.compiled = straight_line(captured, public=not mutates)
             with torch.enable_grad():
-                if not same_operations(captured.forward, graph.compiled, example):
+                if not mutates and not same_operations(captured.forward, graph.compiled, example):
                     graph.compiled = straight_line(captured, public=False)
             graph.no_grad = graph.compiled
         else:

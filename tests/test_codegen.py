@@ -18,7 +18,7 @@ from test_fx import _record, _run, duplicates, expand_chains, mutating, no_grad_
 
 from pyro_rws import RWS, JitRWS
 from pyro_rws._codegen import same_operations, straight_line
-from pyro_rws._fx import simplify
+from pyro_rws._fx import _mutates, simplify
 from pyro_rws.examples.sbn import SBN
 
 aten = torch.ops.aten
@@ -87,3 +87,34 @@ def test_jit_replays_straight_line_code(check, monkeypatch):
     assert (called & overloads) == (set() if check else overloads)
     pyro.set_rng_seed(0)  # the same draws as the eager loss's
     assert torch.equal(RWS(3, max_plate_nesting=1)(sbn.model, sbn.guide)(x), value)
+
+
+def test_mutating_step_is_not_run_for_the_check(monkeypatch):
+    """A step with an in-place operation: the overloads' own entries, no checking replay."""
+    import pyro.distributions as dist
+
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        shift = pyro.param("shift", torch.zeros(2))
+        loc = x * 0.5
+        loc.add_(shift)  # in place
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
+    monkeypatch.setattr("pyro_rws._jit.same_operations", lambda *args: pytest.fail("checked"))
+    pyro.clear_param_store()
+    x = torch.randn(4, 2)
+    loss = JitRWS(3, max_plate_nesting=1)
+    pyro.set_rng_seed(0)
+    value = loss.loss(model, guide, x)
+    (graph,) = loss._graphs.values()
+    assert _mutates(graph.captured.graph)
+    called = {v for k, v in graph.compiled.__globals__.items() if k != "__builtins__"}
+    assert torch._C._VariableFunctions.add not in called
+    pyro.set_rng_seed(0)
+    assert value == RWS(3, max_plate_nesting=1).loss(model, guide, x)
