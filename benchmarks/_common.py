@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 from pathlib import Path
@@ -98,3 +99,33 @@ def hand_rws_loss(sbn, x: torch.Tensor, K: int) -> torch.Tensor:
     weights = torch.softmax(log_w, 0)
     surrogate = -(weights * log_p).sum() - (weights * log_q).sum()
     return -bound + (surrogate - surrogate.detach())
+
+
+def lean_rws_loss(sbn, x: torch.Tensor, K: int) -> torch.Tensor:
+    """
+    The leanest hand-written per-datapoint RWS (wake-theta + wake-phi) for a one-layer ``SBN``,
+    exactly as issue 19 gives it, and the baseline of ``step_time.py``'s ratios: the encoder run
+    once on x, each Bernoulli log-prob one ``binary_cross_entropy_with_logits``, one log-sum-exp
+    shared by the bound and the weights, one weighted sum per term, no
+    ``surrogate - surrogate.detach()``. Its gradient is the RWS estimator (that of
+    ``hand_rws_loss``); its value is not the bound.
+    """
+    if len(sbn.encoders) != 1:
+        raise ValueError("the lean step is written for a one-layer SBN (--layers H)")
+    V, c = sbn.encoders[0].weight, sbn.encoders[0].bias
+    W, b = sbn.decoders[0].weight, sbn.decoders[0].bias
+    prior = sbn.prior_logits
+    q_logits = x @ V.t() + c  # [B, H]
+    with torch.no_grad():
+        z = torch.bernoulli(torch.sigmoid(q_logits).expand((K,) + q_logits.shape))
+    log_q = -F.binary_cross_entropy_with_logits(q_logits.expand_as(z), z, reduction="none").sum(-1)
+    log_p = -F.binary_cross_entropy_with_logits(prior.expand_as(z), z, reduction="none").sum(
+        -1
+    ) - F.binary_cross_entropy_with_logits(
+        z @ W.t() + b, x.expand(K, *x.shape), reduction="none"
+    ).sum(-1)
+    log_w = log_p - log_q.detach()
+    lse = torch.logsumexp(log_w, 0)  # [B]
+    theta = -(lse - math.log(K)).sum()
+    phi = -((log_w - lse).exp().detach() * log_q).sum()
+    return theta + phi

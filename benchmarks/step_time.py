@@ -3,25 +3,31 @@
 """
 Per-step time and peak memory of ``pyro_rws.ReweightedWakeSleep`` (eager, and compiled:
 ``pyro_rws.JitRWS``; each as a torch module's loss and through ``SVI``) against Pyro's built-in
-``pyro.infer.ReweightedWakeSleep`` (with and without ``SVI``) and a hand-written PyTorch
-implementation of the same estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in
-one process.
+``pyro.infer.ReweightedWakeSleep`` (with and without ``SVI``) and two hand-written PyTorch
+implementations of the same estimator (per-datapoint RWS, wake-theta + wake-phi), on one SBN in
+one process: ``lean`` (issue 19's step, the leanest we could write: the baseline of the ratios)
+and ``hand`` (the earlier baseline, which computes the bound's log-sum-exp and the weights'
+softmax separately and builds ``surrogate - surrogate.detach()``).
 
     python benchmarks/step_time.py                      # MNIST 784-200 if present, else digits
     python benchmarks/step_time.py --data digits --layers 16
     python benchmarks/step_time.py --particles 5,20 --batch-sizes 32 --rounds 5 --no-memory
+    python benchmarks/step_time.py --data digits --layers "16;64" --particles 5,50 \
+        --contenders jit,jit-svi,svi,pyro-svi,hand,lean --no-memory    # issue 19's grid
     python benchmarks/step_time.py --data digits --layers 64 --particles 5,50 \
         --contenders jit,jit-svi,jit-inductor,ours,pyro,hand     # the compiled losses
-    python benchmarks/step_time.py --data digits --contenders svi,pyro-svi,ours,pyro,hand
+    python benchmarks/step_time.py --data digits --layers 64,16 --baseline hand
 
 Timing: the step functions share one SBN and one ``torch.optim.Adam`` (the ``SVI`` contenders
 keep their own ``pyro.optim.Adam``, one ``torch.optim.Adam`` per parameter, as Pyro's ``SVI``
-does); they run interleaved in
-``--rounds`` rounds (order reversed every other round), each a block of steps sized to take about
-``--block-seconds``; the table gives the median over rounds of ms/step, and of each round's ratio
-to the hand-written step timed in the same round (so that a change of the machine's load between
-rounds cancels out of the ratios). Pyro's validation is
-disabled for all (``pyro.enable_validation(False)``); one torch thread.
+does); they run interleaved in ``--rounds`` rounds (order reversed every other round), each a
+block of steps sized to take about ``--block-seconds``, timed in CPU time of the process
+(``time.process_time``, one torch thread: on a shared machine wall time mostly measures the
+other processes); the table gives the median over rounds of ms/step, and of each round's ratio
+to the baseline step (``--baseline``: ``lean``, the default, written for one-layer SBNs; or
+``hand``) timed in the same round (so that a change of the machine's load between rounds
+cancels out of the ratios), and ``svi/pyro-svi`` likewise. Pyro's validation is disabled for
+all (``pyro.enable_validation(False)``); one torch thread.
 
 Memory: for each configuration and step function a fresh subprocess builds the same SBN on
 random binary data of the same shape, runs one warm-up step, resets the RSS high-water mark
@@ -44,19 +50,32 @@ from pathlib import Path
 
 import pyro
 import torch
-from _common import hand_rws_loss, load_data, machine
+from _common import hand_rws_loss, lean_rws_loss, load_data, machine
 from pyro.infer import ReweightedWakeSleep as PyroRWS
 
 from pyro_rws import RWS, JitRWS
 from pyro_rws.examples.sbn import SBN
 
-NAMES = ("ours", "ours-svi", "pyro", "hand", "jit", "jit-svi", "jit-inductor", "svi", "pyro-svi")
+NAMES = (
+    "ours",
+    "ours-svi",
+    "pyro",
+    "hand",
+    "lean",
+    "jit",
+    "jit-svi",
+    "jit-inductor",
+    "svi",
+    "pyro-svi",
+)
 DEFAULT = "ours,ours-svi,pyro,hand"
 LABELS = {
     "ours": "pyro_rws RWS (differentiable_loss + backward)",
     "ours-svi": "pyro_rws RWS (loss_and_grads, the SVI path)",
     "pyro": "pyro.infer.ReweightedWakeSleep (loss_and_grads)",
-    "hand": "hand-written PyTorch",
+    "hand": "hand-written PyTorch (_common.hand_rws_loss: separate logsumexp and softmax, "
+    "surrogate - surrogate.detach(), two weighted sums)",
+    "lean": "the leanest hand-written step (issue 19, _common.lean_rws_loss; one-layer SBN)",
     "jit": "pyro_rws JitRWS as a torch module, torch.optim.Adam (recorded graph replayed)",
     "jit-svi": "pyro_rws JitRWS through pyro.infer.SVI with pyro.optim.Adam",
     "jit-inductor": "pyro_rws JitRWS(jit_options={'backend': 'inductor'}) as a torch module",
@@ -103,6 +122,12 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
         hand_rws_loss(sbn, x, K).backward()
         optim.step()
 
+    def step_lean(x):
+        loss = lean_rws_loss(sbn, x, K)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+
     def step_jit(x):
         optim.zero_grad()
         jit_module(x).backward()
@@ -127,6 +152,7 @@ def make_steps(sbn: SBN, K: int, lr: float = 1e-3):
         "ours-svi": step_ours_svi,
         "pyro": step_pyro,
         "hand": step_hand,
+        "lean": step_lean,
         "jit": step_jit,
         "jit-svi": step_jit_svi,
         "jit-inductor": step_jit_inductor,
@@ -158,7 +184,7 @@ def batches(train: torch.Tensor, B: int):
         yield train[torch.randint(len(train), (B,), generator=gen)]
 
 
-def time_config(train, layers, K, B, rounds, block_seconds, names):
+def time_config(train, layers, K, B, rounds, block_seconds, names, baseline="hand"):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     sbn = SBN(train.shape[-1], layers)
@@ -174,27 +200,33 @@ def time_config(train, layers, K, B, rounds, block_seconds, names):
         first[name] = time.perf_counter() - t0
         for _ in range(2):
             steps[name](next(data))
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for _ in range(3):
             steps[name](next(data))
-        per_step[name] = (time.perf_counter() - t0) / 3
+        per_step[name] = (time.process_time() - t0) / 3
     block = max(2, round(block_seconds / max(per_step.values())))
     times = {name: [] for name in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             xs = [next(data) for _ in range(block)]
-            t0 = time.perf_counter()
+            # CPU time of the process (one thread): on a shared machine, wall time mostly
+            # measures the other processes
+            t0 = time.process_time()
             for x in xs:
                 steps[name](x)
-            times[name].append(1000 * (time.perf_counter() - t0) / block)
+            times[name].append(1000 * (time.process_time() - t0) / block)
     ms = {n: statistics.median(t) for n, t in times.items()}
     # the ratio of two step functions timed next to each other in the same round, median over
     # rounds: a change of the machine's load between rounds cancels out
     ratios = {
-        n: statistics.median(a / h for a, h in zip(t, times["hand"], strict=True))
+        n: statistics.median(a / h for a, h in zip(t, times[baseline], strict=True))
         for n, t in times.items()
     }
+    if "svi" in times and "pyro-svi" in times:
+        ratios["svi/pyro-svi"] = statistics.median(
+            a / h for a, h in zip(times["svi"], times["pyro-svi"], strict=True)
+        )
     return ms, ratios, block, rel_err, first
 
 
@@ -293,7 +325,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--data", default="auto", help="auto (MNIST if found, else digits), mnist, digits"
     )
-    p.add_argument("--layers", default=None, help="latent layers, e.g. 200 or 200,200,200")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="latent layers, e.g. 200 or 200,200,200; several SBNs separated by ';' (16;64)",
+    )
     p.add_argument("--particles", default="5,20,50")
     p.add_argument("--batch-sizes", default="32,256")
     p.add_argument("--rounds", type=int, default=10)
@@ -304,6 +340,12 @@ def main(argv=None) -> int:
         "--contenders",
         default=DEFAULT,
         help="comma-separated, from: " + ", ".join(NAMES) + f" (default {DEFAULT})",
+    )
+    p.add_argument(
+        "--baseline",
+        default="lean",
+        choices=("lean", "hand"),
+        help="the step the ratios are against (default lean; hand for SBNs of several layers)",
     )
     p.add_argument("--json", default=None, help="also write the results here")
     # subprocess mode (memory)
@@ -316,46 +358,62 @@ def main(argv=None) -> int:
         memory_child(args)
         return 0
 
+    layer_sets = (args.layers or "").split(";")
+    args.layers = layer_sets[0] or None
     setup = prepare(p, args)
     if setup is None:
         return 1
     train, label, layers, names = setup
+    archs = [layers] + [tuple(int(t) for t in ls.split(",")) for ls in layer_sets[1:]]
+    base = args.baseline
+    if base == "lean" and any(len(a) != 1 for a in archs):
+        p.error("the lean step is written for one-layer SBNs: pass --baseline hand")
+    if base not in names:
+        names.append(base)
     Ks = [int(t) for t in args.particles.split(",")]
     Bs = [int(t) for t in args.batch_sizes.split(",")]
-    others = [n for n in names if n != "hand"]
-    arch = "-".join(map(str, (train.shape[-1], *layers)))
-    print(f"# step time: SBN {arch} on {label}")
+    others = [n for n in names if n != base]
+    extra = ["svi/pyro-svi"] if "svi" in names and "pyro-svi" in names else []
+    arch_names = ["-".join(map(str, (train.shape[-1], *a))) for a in archs]
+    print(f"# step time: SBN {', '.join(arch_names)} on {label}")
     print(f"# {machine()}")
     print(
-        f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; validation off; {args.rounds} interleaved rounds"
+        f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; validation off; {args.rounds} interleaved "
+        "rounds; CPU time of the process (time.process_time), median over rounds; ratios: "
+        f"median over rounds of the ratio to {base} in the same round"
     )
     for n in names:
         print(f"# {n}: {LABELS[n]}")
     print()
-    results = [{"K": K, "B": B} for B in Bs for K in Ks]
+    results = [{"layers": a, "K": K, "B": B} for a in archs for B in Bs for K in Ks]
     if not args.no_timing:
         print(
-            "| K | B | "
+            "| H | K | B | "
             + " | ".join(f"{n} ms" for n in names)
             + " | "
-            + " | ".join(f"{n}/hand" for n in others)
+            + " | ".join([f"{n}/{base}" for n in others] + extra)
             + " | steps/block | grad rel. diff ours vs hand | first call s (recording) |"
         )
-        print("|---:|---:|" + "---:|" * (len(names) + len(others) + 3))
+        print("|---|---:|---:|" + "---:|" * (len(names) + len(others) + len(extra) + 3))
     for row in results if not args.no_timing else []:
         K, B = row["K"], row["B"]
         ms, ratios, block, rel_err, first = time_config(
-            train, layers, K, B, args.rounds, args.block_seconds, names
+            train, row["layers"], K, B, args.rounds, args.block_seconds, names, base
         )
         row.update(
-            ms=ms, ratio_to_hand=ratios, block=block, grad_rel_diff=rel_err, first_call_s=first
+            ms=ms,
+            baseline=base,
+            ratio_to_baseline=ratios,
+            block=block,
+            grad_rel_diff=rel_err,
+            first_call_s=first,
         )
         compiled = ", ".join(f"{n} {first[n]:.1f}" for n in names if n.startswith("jit"))
         print(
-            f"| {K} | {B} | "
+            f"| {','.join(map(str, row['layers']))} | {K} | {B} | "
             + " | ".join(f"{ms[n]:.2f}" for n in names)
             + " | "
-            + " | ".join(f"**{ratios[n]:.2f}**" for n in others)
+            + " | ".join(f"**{ratios[n]:.2f}**" for n in others + extra)
             + f" | {block} | {rel_err:.1e} | {compiled or '-'} |",
             flush=True,
         )
@@ -364,32 +422,36 @@ def main(argv=None) -> int:
         print("Peak RSS of a step above the RSS before it (MiB; subprocess per cell, VmHWM reset):")
         print()
         print(
-            "| K | B | "
+            "| H | K | B | "
             + " | ".join(names)
             + " | "
-            + " | ".join(f"{n}/hand" for n in others)
+            + " | ".join(f"{n}/{base}" for n in others)
             + " |"
         )
-        print("|---:|---:|" + "---:|" * (len(names) + len(others)))
+        print("|---|---:|---:|" + "---:|" * (len(names) + len(others)))
         for row in results:
-            mem = {n: measure_memory(n, train.shape[-1], layers, row["K"], row["B"]) for n in names}
+            mem = {
+                n: measure_memory(n, train.shape[-1], row["layers"], row["K"], row["B"])
+                for n in names
+            }
             row["peak_rss_mib"] = mem
 
             def ratio(a, b):
                 return f"{a / b:.2f}" if b > 0.5 else "n/a"
 
             print(
-                f"| {row['K']} | {row['B']} | "
+                f"| {','.join(map(str, row['layers']))} | {row['K']} | {row['B']} | "
                 + " | ".join(f"{mem[n]:.1f}" for n in names)
                 + " | "
-                + " | ".join(ratio(mem[n], mem["hand"]) for n in others)
+                + " | ".join(ratio(mem[n], mem[base]) for n in others)
                 + " |",
                 flush=True,
             )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"arch": arch, "data": label, "machine": machine(), "rows": results}, indent=1
+                {"archs": arch_names, "data": label, "machine": machine(), "rows": results},
+                indent=1,
             )
         )
     finite = all(math.isfinite(v) for r in results for v in r.get("ms", {}).values())

@@ -13,7 +13,9 @@ same generator (so the same draws as the eager loss for the same seed) and none 
 machinery of Pyro in between. Before its first replay the graph is rewritten once (no-op views
 and multiplications dropped, negations moved after sums, autograd recording only where a
 gradient is used; :mod:`pyro_rws._fx`), giving the same numbers bit for bit with a third fewer
-operations. ``jit_options={"backend": "inductor"}`` compiles the recorded
+operations, and replayed as straight-line Python code that calls each operation's C++ entry
+(:mod:`pyro_rws._codegen`; checked on the first replay to dispatch what the graph does).
+``jit_options={"backend": "inductor"}`` compiles the recorded
 graph with :func:`torch.compile` instead: much faster steps, at a compilation of tens of seconds
 per graph (see benchmarks/README.md for both).
 
@@ -79,9 +81,10 @@ class JitReweightedWakeSleep(_JitMixin, ReweightedWakeSleep):
     non-tensor argument, model, guide, outer Pyro handler or setting records a new graph (up
     to ``max_graphs`` are kept). The first call per graph runs the step eagerly once
     (which creates parameters and runs the eager checks), records it, and replays it. NaN and
-    infinite values are reported with the eager message by ``loss`` and
-    ``loss_and_grads``, and by ``differentiable_loss`` only with validation on (the check
-    needs a device synchronization).
+    infinite values are reported with the eager message: with validation on, by every
+    method (the same draws replayed eagerly name the site; the check needs a device
+    synchronization); with validation off, by ``loss`` and ``loss_and_grads`` from the float
+    they return, as the eager loss does, and not by ``differentiable_loss``.
     """
 
 

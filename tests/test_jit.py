@@ -172,6 +172,29 @@ def test_same_as_eager_param_store(name):
     assert compiled.compile_count == 1
 
 
+def test_svi_capture_sees_param_sites():
+    """Under SVI's parameter capture alone, a replay adds the sites pyro.param would add."""
+    pyro.clear_param_store()
+    x, encoder = data(), make_encoder()
+    loss = JitRWS(3)
+    loss.loss(store_model, store_guide, x, encoder)  # records
+    store = pyro.get_param_store()
+    for outer in (False, True):  # alone, and inside another handler (through pyro.param)
+        with poutine.trace(param_only=True) as capture:
+            if outer:
+                with poutine.block(hide_types=["sample"]):
+                    loss.loss_and_grads(store_model, store_guide, x, encoder)
+            else:
+                loss.loss_and_grads(store_model, store_guide, x, encoder)
+        nodes = capture.trace.nodes
+        assert set(nodes) == set(store.keys())
+        for name, site in nodes.items():
+            assert site["type"] == "param" and site["name"] == name
+            assert site["value"].unconstrained() is store._params[name]
+            torch.testing.assert_close(site["value"], pyro.param(name), rtol=0, atol=0)
+        assert bool((nodes["scale"]["value"] > 0).all())
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_same_as_eager_torch_module(name):
     eager_cls, jit_cls, kw = LOSSES[name]
