@@ -253,25 +253,28 @@ def test_pcfg_with_hand_and_automatic_guides():
             assert {"t0/S", "t1/S"} <= set(draw)
 
 
-def test_automatic_proposal_in_a_plate_is_shared_but_consistent():
+@pytest.mark.parametrize("local", [False, True])
+def test_automatic_proposal_in_a_plate_is_consistent(local):
     """
-    Issue 22 (b): a local latent inside a model plate gets one proposal for every element
-    (coarse: it cannot follow each x_i), which is still a valid proposal: the per-datapoint
-    evidence is consistent (tolerance from the effective sample size).
+    Issue 22 (b): with ``local_observations=False`` a local latent inside a model plate gets one
+    proposal for every element (coarse: it cannot follow each x_i); by default each element's
+    proposal also reads its own x_i. Either is a valid proposal: the per-datapoint evidence is
+    consistent (tolerance from the effective sample size).
     """
 
     def plated(x):
-        with pyro.plate("data", len(x)):
+        with pyro.plate("data", x.shape[-1]):
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("x", dist.Normal(z, 0.5), obs=x)
 
     x = torch.tensor([-1.5, 0.2, 2.0])
-    guide = AutoAmortizedProposal(plated, hidden_dim=8, num_standardize=0)
+    guide = AutoAmortizedProposal(plated, hidden_dim=8, num_standardize=0, local_observations=local)
     fn = pyro.poutine.trace(guide).get_trace(x).nodes["z"]["fn"]
     assert fn.batch_shape == (3,)
-    assert torch.equal(fn.loc, fn.loc[:1].expand(3)) and torch.equal(
+    shared = torch.equal(fn.loc, fn.loc[:1].expand(3)) and torch.equal(
         fn.scale, fn.scale[:1].expand(3)
     )
+    assert shared != local
     K = 4000
     post = importance_posterior(plated, guide, x, num_particles=K, chunk_size=1000)
     exact_lz = dist.Normal(0.0, math.sqrt(1.25)).log_prob(x)
