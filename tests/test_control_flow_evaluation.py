@@ -194,7 +194,7 @@ def per_datapoint_guide(xs):
 
 def test_sequential_plate_weights_and_draws_per_datapoint():
     xs = torch.tensor([0.2, 3.1])
-    K = 800
+    K = 500
     post = importance_posterior(
         per_datapoint_model, per_datapoint_guide, xs, num_particles=K, vectorize_particles=False
     )
@@ -283,3 +283,32 @@ def test_automatic_proposal_in_a_plate_is_consistent(local):
     # delta method: sd of log p_hat is about sqrt(1 / ESS - 1 / K)
     tol = 4 * (1 / ess - 1 / K).clamp_min(0).sqrt() + 1e-3
     assert bool(((post.log_evidence - exact_lz).abs() < tol).all()), (post.log_evidence, exact_lz)
+
+
+def test_other_paths_of_sequential_particles():
+    # vectorized particles: sample_particles slices the stacked latents
+    post = importance_posterior(fixed_model, guide, data(), num_particles=20)
+    draws = post.sample_particles(5)
+    assert len(draws) == 5 and draws[0]["z"].shape == (4,)
+    # keep_particles=False: weights only
+    post = importance_posterior(
+        model, cf_guide, X, num_particles=10, keep_particles=False, vectorize_particles=False
+    )
+    assert post.particles is None and post.latents is None and post.log_weights.shape == (10,)
+    with pytest.raises(ValueError, match="keep_particles=True"):
+        post.sample_particles(2)
+
+    # a simulator without a likelihood: the guide's runs, unweighted
+    def no_likelihood(x):
+        n = pyro.sample("n", dist.Categorical(torch.tensor(P_N)))
+        total = torch.zeros(())
+        for i in range(int(n)):
+            total = total + pyro.sample(f"b_{i}", dist.Bernoulli(torch.tensor(P_B)))
+        pyro.sample("x", dist.Delta(n + 2 * total), obs=x)
+
+    with pytest.warns(UserWarning, match="cannot reweight"):
+        post = importance_posterior(
+            no_likelihood, cf_guide, X, num_particles=30, vectorize_particles=False
+        )
+    assert not post.reweighted and len(post.particles) == 30
+    assert all(set(d) == {"n"} | {f"b_{i}" for i in range(int(d["n"]))} for d in post.particles)
