@@ -292,7 +292,8 @@ def importance_posterior(
         ``observations``); ``*args`` and ``**kwargs`` go to model and guide.
     :param guide: the proposal, e.g. a guide trained by :func:`~pyro_rws.fit_guide`.
     :param int num_particles: K.
-    :param int chunk_size: particles per vectorized run (memory for traces).
+    :param int chunk_size: particles per vectorized run, or sequential runs whose traces are
+        kept at once (memory for traces).
     :param dict observations: ``{site: value}`` to condition the model on
         (``poutine.condition``), also passed to a guide with an ``observations`` keyword.
     :param bool keep_particles: keep the latents of every particle (for
