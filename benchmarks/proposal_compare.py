@@ -12,7 +12,11 @@ Parts (run each under ``nice``, one thread; the committed results used ``simulat
 - ``simulator``: tutorial 3's simulator (random number of objects), the hand-written proposal of
   the tutorial against AutoAmortizedProposal, same sleep steps, particles and optimizer; mean TV
   of q(n|x) to the exact p(n|x) (100 observations), and with K = 100 importance samples (20
-  observations) the mean TV of p̂(n|x) and the mean ESS.
+  observations) the mean TV of p̂(n|x) and the mean ESS. ``--eval-obs 100 --reps 2`` (the
+  paired runs ``--tag _base``, ``_seed1`` with ``--seed 1``, ``_1000`` with ``--steps 1000``)
+  keeps the per-observation values, averaged over 2 IS runs each, so that ``table`` gives
+  standard errors and the paired difference: with 20 observations and one IS run the mean TV
+  of p̂ has a standard error of a third of its value or more.
 - ``csis``: Pyro's CSIS tutorial model (z ~ N(1, 5), x1, x2 ~ N(z, 2)), the tutorial's guide
   against AutoAmortizedProposal, same steps; mean KL(p(z|x) || q(z|x)) over 200 observations
   from the prior predictive, and q at the tutorial's observation (8, 9).
@@ -167,13 +171,28 @@ def part_simulator(args):
 
     signals = test_set()
     truth = [exact_p_n(s) for s in signals]
-    out = {"steps": args.steps, "particles": 32, "lr": 3e-3, "K": 100, "guides": {}}
+    auto_kwargs = json.loads(args.auto)
+    out = {
+        "steps": args.steps,
+        "particles": 32,
+        "lr": args.lr,
+        "K": 100,
+        "eval_obs": args.eval_obs,
+        "seed": args.seed,
+        "reps": args.reps,
+        "auto_kwargs": auto_kwargs,
+        "guides": {},
+    }
     for name in args.guides:
         pyro.clear_param_store()
-        pyro.set_rng_seed(0)
-        guide = hand_written() if name == "hand-written" else AutoAmortizedProposal(simulator)
+        pyro.set_rng_seed(args.seed)
+        guide = (
+            hand_written()
+            if name == "hand-written"
+            else AutoAmortizedProposal(simulator, **auto_kwargs)
+        )
         loss = SleepPhaseLoss(num_particles=32, vectorize_particles=False)
-        svi = SVI(simulator, guide, pyro.optim.Adam({"lr": 3e-3}), loss=loss)
+        svi = SVI(simulator, guide, pyro.optim.Adam({"lr": args.lr}), loss=loss)
         placeholder = torch.zeros(NUM_PIXELS)
         start = time.process_time()
         for step in range(args.steps):
@@ -184,12 +203,19 @@ def part_simulator(args):
         tv_q = sum(tv(q_n(guide, s), p) for s, p in zip(signals, truth, strict=True)) / len(signals)
         pyro.set_rng_seed(2)
         ess, tv_is, tv_draws = [], [], []
-        for s, p in list(zip(signals, truth, strict=True))[:20]:
-            p_hat, e, q_hat = importance(guide, s, 100)
-            ess.append(e)
-            tv_is.append(tv(p_hat, p))
-            tv_draws.append(tv(q_hat, p))
+        for s, p in list(zip(signals, truth, strict=True))[: args.eval_obs]:
+            for _ in range(args.reps):  # repeated IS runs per observation, averaged
+                p_hat, e, q_hat = importance(guide, s, 100)
+                ess.append(e / args.reps)
+                tv_is.append(tv(p_hat, p) / args.reps)
+                tv_draws.append(tv(q_hat, p) / args.reps)
+        fold = args.reps  # per observation: the mean over its repetitions
+        ess = [sum(ess[i : i + fold]) for i in range(0, len(ess), fold)]
+        tv_is = [sum(tv_is[i : i + fold]) for i in range(0, len(tv_is), fold)]
+        tv_draws = [sum(tv_draws[i : i + fold]) for i in range(0, len(tv_draws), fold)]
         out["guides"][name] = {
+            "tv_is_n_per_obs": tv_is,
+            "ess_per_obs": ess,
             "tv_q_n": tv_q,
             "tv_is_n": sum(tv_is) / len(tv_is),
             "ess": sum(ess) / len(ess),
@@ -510,6 +536,48 @@ def _load(name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _mean_se(values):
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    return mean, math.sqrt(var / n)
+
+
+def _paired_simulator_table():
+    """Runs of both guides in one process with per-observation values (``--eval-obs``)."""
+    runs = [(t, _load(f"simulator{t}")) for t in ("_base", "_seed1", "_1000")]
+    runs = [(t, r) for t, r in runs if r and "tv_is_n_per_obs" in r["guides"].get("auto", {})]
+    if not runs:
+        return []
+    lines = [
+        "### Paired runs: both guides in one process, IS on 100 observations x 2 runs of K = 100",
+        "",
+        "Mean ± standard error over observations; the difference is auto minus hand-written "
+        "per observation (paired).",
+        "",
+        "| run | steps | seed | TV p̂(n\\|x) hand-written | TV p̂(n\\|x) auto | difference | "
+        "ESS hand-written | ESS auto | difference | TV q(n\\|x) hand / auto | CPU s / step "
+        "hand / auto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tag, r in runs:
+        h, a = r["guides"]["hand-written"], r["guides"]["auto"]
+        cells = []
+        for key in ("tv_is_n_per_obs", "ess_per_obs"):
+            diff = [x - y for x, y in zip(a[key], h[key], strict=True)]
+            fmt = ".4f" if key.startswith("tv") else ".1f"
+            for values in (h[key], a[key], diff):
+                m, se = _mean_se(values)
+                cells.append(f"{m:{fmt}} ± {se:{fmt}}")
+        lines.append(
+            f"| {tag[1:]} | {r['steps']} | {r.get('seed', 0)} | "
+            + " | ".join(cells)
+            + f" | {h['tv_q_n']:.3f} / {a['tv_q_n']:.3f} | "
+            f"{h['cpu_seconds_per_step']:.2f} / {a['cpu_seconds_per_step']:.2f} |"
+        )
+    return lines + [""]
+
+
 def write_table():
     """benchmarks/results/proposal_compare.md from the parts' json files."""
     lines = ["# AutoAmortizedProposal against hand-written guides and PyProb IC", ""]
@@ -540,6 +608,7 @@ def write_table():
                 f"{pp['cpu_seconds'] / (pp['simulations'] / 32):.2f} (per 32 traces) |"
             )
         lines.append("")
+    lines += _paired_simulator_table()
     csis = {g: _load(f"csis_{g}") for g in ("hand-written", "auto")}
     if any(csis.values()):
         some = next(v for v in csis.values() if v)
@@ -607,6 +676,13 @@ def main():
     parser.add_argument("--tag", default="")
     parser.add_argument("--batch", type=int, default=10, help="gaussian_linear: sleep particles")
     parser.add_argument("--no-c2st", action="store_true", help="gaussian_linear: KL only")
+    parser.add_argument("--eval-obs", type=int, default=20, help="simulator: IS observations")
+    parser.add_argument("--reps", type=int, default=1, help="simulator: IS runs per observation")
+    parser.add_argument("--lr", type=float, default=3e-3, help="simulator: Adam's lr")
+    parser.add_argument("--seed", type=int, default=0, help="simulator: training seed")
+    parser.add_argument(
+        "--auto", default="{}", help="simulator: AutoAmortizedProposal keyword arguments (JSON)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.part == "table":

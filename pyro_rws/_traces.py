@@ -65,7 +65,8 @@ VECTORIZED_NOTE = (
     "pyro_rws: model and guide ran with vectorize_particles=True, with a particle dimension "
     "left of their plates. If the program has stochastic control flow (a Python `if` or loop on "
     "a sampled value) or reads plate sizes with len(x), pass vectorize_particles=False to the "
-    "loss (one run per particle), or make it broadcast over that dimension."
+    "loss, log_evidence or importance_posterior (one run per particle), or make it broadcast "
+    "over that dimension."
 )
 
 

@@ -23,6 +23,7 @@ def log_evidence(
     num_particles: int = 1000,
     chunk_size: int = 100,
     max_plate_nesting: int | None = None,
+    vectorize_particles: bool = True,
     **kwargs,
 ) -> torch.Tensor:
     r"""
@@ -37,13 +38,21 @@ def log_evidence(
     posterior. Report it with the K used, e.g. "log p(x) >= -85.3 (K = 5000)".
 
     Particles are drawn ``chunk_size`` at a time and combined with a running log-sum-exp, so
-    memory grows with ``chunk_size``, not ``num_particles``; no autograd graph is built.
+    memory grows with ``chunk_size``, not ``num_particles``; no autograd graph is built. As in
+    the losses, ``vectorize_particles=True`` draws a chunk in one run of guide and model inside
+    a particle plate (fast; needs static structure and programs that broadcast over the
+    particle dim), and ``vectorize_particles=False`` runs guide and model once per particle
+    (stochastic control flow: a random number of sites, Python branches on sampled values).
+    A sequential run draws the same particles whatever ``chunk_size`` (which then only bounds
+    the traces kept at once).
 
     :param model: a Pyro model; ``*args`` and ``**kwargs`` are passed to model and guide.
     :param guide: the proposal, usually the trained guide.
     :param int num_particles: K, particles per datapoint.
-    :param int chunk_size: particles per vectorized run.
+    :param int chunk_size: particles per vectorized run (sequential: per batch of traces).
     :param int max_plate_nesting: number of nested plates (guessed if omitted).
+    :param bool vectorize_particles: one vectorized run per chunk (default), or one run per
+        particle for programs with stochastic control flow.
     :returns: a tensor with one entry per element of the plates that enclose every sample site
         (usually the data plate: shape ``(N,)``); with a subsampled plate, for the datapoints of
         the drawn minibatch, unscaled. A model with global latents has joint weights, and the
@@ -51,6 +60,7 @@ def log_evidence(
     """
     K = check_count("num_particles", num_particles, 1)
     chunk_size = check_count("chunk_size", chunk_size, 1)
+    vectorize = bool(vectorize_particles)
     check_guide(guide, sleep=False)
     if max_plate_nesting is None:
         max_plate_nesting = guess_plate_nesting(model, args, kwargs)
@@ -58,10 +68,17 @@ def log_evidence(
     for start in range(0, K, chunk_size):
         size = min(chunk_size, K - start)
         _, lw, minibatch = chunk_log_weights(
-            model, guide, args, kwargs, size, max_plate_nesting, minibatch, _SUBSAMPLE_REMEDY
+            model,
+            guide,
+            args,
+            kwargs,
+            size,
+            max_plate_nesting,
+            minibatch,
+            _SUBSAMPLE_REMEDY,
+            vectorize,
         )
-        chunk = torch.logsumexp(lw, 0)
-        total = chunk if total is None else torch.logaddexp(total, chunk)
+        total = add_chunk(total, lw)
     return total - math.log(K)
 
 
@@ -71,11 +88,14 @@ _SUBSAMPLE_REMEDY = (
 )
 
 
-def chunk_log_weights(model, guide, args, kwargs, size, plate_nesting, minibatch, remedy):
+def chunk_log_weights(
+    model, guide, args, kwargs, size, plate_nesting, minibatch, remedy, vectorize=True
+):
     """
-    One chunk of ``size`` vectorized particles: ``(runs, log_w, minibatch)``, the wake runs,
-    their log-weights (particles first) and the minibatch to replay in the next chunk. The one
-    step of :func:`log_evidence` and :func:`~pyro_rws.importance_posterior`.
+    One chunk of ``size`` particles: ``(runs, log_w, minibatch)``, the wake runs (one
+    vectorized run, or ``size`` runs of one particle), their log-weights (particles first,
+    shape ``(size, *batch)``) and the minibatch to replay in the next chunk. The one step of
+    :func:`log_evidence` and :func:`~pyro_rws.importance_posterior`.
     """
     runs, minibatch = wake_traces(
         model,
@@ -83,9 +103,26 @@ def chunk_log_weights(model, guide, args, kwargs, size, plate_nesting, minibatch
         args,
         kwargs,
         num_particles=size,
-        vectorize=True,
+        vectorize=vectorize,
         plate_nesting=plate_nesting,
         minibatch=minibatch,
     )
-    lw = log_weights(runs, plate_nesting=plate_nesting, vectorized=True, subsample_remedy=remedy)
+    lw = log_weights(
+        runs, plate_nesting=plate_nesting, vectorized=vectorize, subsample_remedy=remedy
+    )
     return runs, lw.log_w, minibatch
+
+
+def add_chunk(total: torch.Tensor | None, lw: torch.Tensor) -> torch.Tensor:
+    """The running ``logsumexp`` of the log-weights over particles, with one more chunk."""
+    chunk = torch.logsumexp(lw, 0)
+    if total is None:
+        return chunk
+    if chunk.shape != total.shape:
+        raise ValueError(
+            f"particles disagree on the sizes of the batch plates: weights of shape "
+            f"{tuple(total.shape)} and {tuple(chunk.shape)} per datapoint. Every particle must "
+            "visit the same datapoints, and the plates that enclose every site must be the same "
+            "in every run."
+        )
+    return torch.logaddexp(total, chunk)

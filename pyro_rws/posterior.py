@@ -32,6 +32,14 @@ Particles are drawn ``chunk_size`` at a time, as :func:`~pyro_rws.log_evidence` 
 resampling (memory ``K`` times the latents' size, 10⁶ particles of a 10-d latent are 80 MB in
 float64), the per-chunk traces are not. ``keep_particles=False`` keeps the weights only.
 
+**Stochastic control flow.** With ``vectorize_particles=False`` each particle is a separate run
+of guide and model, as in the losses, so particles may differ in structure (a random number of
+objects, a parse tree). Each particle is then kept as a dict of the sites its run drew
+(:attr:`~pyro_rws.ImportancePosterior.particles`), and
+:meth:`~pyro_rws.ImportancePosterior.sample_particles` resamples whole runs: a list of dicts,
+one per draw, each a consistent run (see :mod:`pyro_rws._particles`). Weighted expectations
+need no resampling: ``sum_k exp(log_weights[k]) f(particles[k])``.
+
 A model whose observed site has no density (``pyro.deterministic``, a ``Delta``, or a
 distribution without ``log_prob``: a simulator whose data are a deterministic function of its
 noise) has no importance weights: the guide's samples are then returned unweighted, with a
@@ -55,6 +63,7 @@ from pyro.poutine.runtime import _PYRO_STACK
 
 from ._args import check_count
 from ._fantasy import accepts_observations
+from ._particles import batch_cells, resample_particles, run_particle, stack_particles
 from ._sleep import SleepState, sleep_log_q, sleep_traces
 from ._structure import (
     PARTICLE_PLATE,
@@ -66,7 +75,7 @@ from ._structure import (
 )
 from ._traces import SampleTrace, _cuda_devices, guess_plate_nesting, in_particle_plate
 from ._weights import _batch_plates, check_finite_bound, effective_sample_size
-from .evaluation import chunk_log_weights
+from .evaluation import add_chunk, chunk_log_weights
 from .simulation import Simulations, _bar
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +92,10 @@ class ImportancePosterior:
     Weighted particles from :func:`~pyro_rws.importance_posterior`.
 
     :ivar dict latents: ``{site: (K, *shape)}``, the guide's particles of every latent site, the
-        particle dim first (as in the vectorized losses), or None with ``keep_particles=False``.
+        particle dim first (as in the vectorized losses); None with ``keep_particles=False``, or
+        where sequential particles differ in structure (then see ``particles``).
+    :ivar list particles: with ``vectorize_particles=False``: one dict ``{site: value}`` per
+        particle, the latent sites its run drew (None for vectorized particles).
     :ivar torch.Tensor log_weights: normalized log-weights ``(K, *batch)``: one set per element
         of the plates that enclose every site (``(K,)`` for one observation and global latents).
     :ivar bool reweighted: False where the model has no likelihood to weight by (then the
@@ -91,8 +103,22 @@ class ImportancePosterior:
     :ivar str reason: why not, or None.
     """
 
-    def __init__(self, latents, log_weights, log_evidence, reweighted, reason, batch_dims):
+    def __init__(
+        self,
+        latents,
+        log_weights,
+        log_evidence,
+        reweighted,
+        reason,
+        batch_dims,
+        particles=None,
+        cells=None,
+        why_not_stacked=None,
+    ):
         self.latents: dict[str, torch.Tensor] | None = latents
+        self.particles: list[dict[str, torch.Tensor]] | None = particles
+        self._cells = cells  # per particle {site: batch element}, sequential batch plates
+        self._why_not_stacked = why_not_stacked
         self.log_weights: torch.Tensor = log_weights
         self.reweighted: bool = reweighted
         self.reason: str | None = reason
@@ -128,6 +154,12 @@ class ImportancePosterior:
         replacement) by the weights: ``{site: (num_samples, *shape)}``.
         """
         num_samples = check_count("num_samples", num_samples, 1)
+        if self.latents is None and self.particles is not None:
+            raise ValueError(
+                f"sample stacks every site over the draws, and the particles differ in "
+                f"structure: {self._why_not_stacked}. Use sample_particles(num_samples), a "
+                "list of draws, each a dict of the sites of one run."
+            )
         if self.latents is None:
             raise ValueError("sample needs the particles: call with keep_particles=True")
         if self._batch_dims is None:
@@ -148,6 +180,39 @@ class ImportancePosterior:
             idx = index.reshape(num_samples, *shape).expand(num_samples, *value.shape[1:])
             out[name] = torch.gather(value, 0, idx.to(value.device))
         return out
+
+    def sample_particles(
+        self, num_samples: int, generator: torch.Generator | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        ``num_samples`` posterior draws resampled multinomially (with replacement) by the
+        weights, each a dict ``{site: value}`` of one particle's sites: defined whatever the
+        structure of the particles (stochastic control flow, ``vectorize_particles=False``),
+        each draw a complete run with exactly the sites its control flow met. With sequential
+        batch plates (``for i in pyro.plate(...)``) each batch element is drawn by its own
+        weights, and a draw holds, for each element, that element's sites from the particle
+        drawn for it. Sequential particles are the values of their runs; vectorized ones
+        (and sequential ones with vectorized batch plates) are slices of :attr:`latents`, in
+        the layout of :meth:`sample`.
+        """
+        num_samples = check_count("num_samples", num_samples, 1)
+        if self.particles is None and self.latents is None:
+            raise ValueError("sample_particles needs the particles: call with keep_particles=True")
+        K, batch = self.num_particles, self.log_weights.shape[1:]
+        if self.particles is not None and (not batch or self._cells is not None):
+            probs = self.log_weights.exp().reshape(K, -1).T  # (M, K)
+            index = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+            index = index[0] if not batch else index.T  # (S,) or (S, M)
+            return resample_particles(self.particles, self._cells, index.cpu())
+        if self.latents is None:
+            raise ValueError(
+                "sample_particles resamples per batch element along sequential batch plates "
+                f"only, and these particles differ in structure ({self._why_not_stacked}) "
+                "with vectorized batch plates: weight the particles (log_weights, particles) "
+                "instead of resampling them."
+            )
+        out = self.sample(num_samples, generator)
+        return [{name: value[j] for name, value in out.items()} for j in range(num_samples)]
 
 
 class _FoldBatch(poutine.messenger.Messenger):
@@ -208,6 +273,7 @@ def importance_posterior(
     observations: Mapping | None = None,
     keep_particles: bool = True,
     max_plate_nesting: int | None = None,
+    vectorize_particles: bool = True,
     **kwargs,
 ) -> ImportancePosterior:
     r"""
@@ -226,16 +292,23 @@ def importance_posterior(
         ``observations``); ``*args`` and ``**kwargs`` go to model and guide.
     :param guide: the proposal, e.g. a guide trained by :func:`~pyro_rws.fit_guide`.
     :param int num_particles: K.
-    :param int chunk_size: particles per vectorized run (memory for traces).
+    :param int chunk_size: particles per vectorized run, or sequential runs whose traces are
+        kept at once (memory for traces).
     :param dict observations: ``{site: value}`` to condition the model on
         (``poutine.condition``), also passed to a guide with an ``observations`` keyword.
     :param bool keep_particles: keep the latents of every particle (for
         :meth:`~pyro_rws.ImportancePosterior.sample`).
     :param int max_plate_nesting: nested plates (guessed from one run of the model).
+    :param bool vectorize_particles: one vectorized run per chunk (default, as in the
+        losses), or one run of guide and model per particle, for programs with stochastic
+        control flow (then :meth:`~pyro_rws.ImportancePosterior.sample_particles` resamples
+        whole runs, and :meth:`~pyro_rws.ImportancePosterior.sample` works where every
+        particle has the same sites).
     :rtype: ImportancePosterior
     """
     K = check_count("num_particles", num_particles, 1)
     chunk_size = check_count("chunk_size", chunk_size, 1)
+    vectorize = bool(vectorize_particles)
     check_guide(guide, sleep=False)
     if observations is not None:
         model = poutine.condition(model, data=dict(observations))
@@ -259,46 +332,98 @@ def importance_posterior(
             stacklevel=3,
         )
     latents, chunks, total, minibatch, batch_dims = {}, [], None, None, ()
+    particles, cells, event_dims = [], [], {}
     for start in range(0, K, chunk_size):
         size = min(chunk_size, K - start)
         if reason is None:
             runs, lw, minibatch = chunk_log_weights(
-                model, guide, args, kwargs, size, max_plate_nesting, minibatch, _SUBSAMPLE_REMEDY
+                model,
+                guide,
+                args,
+                kwargs,
+                size,
+                max_plate_nesting,
+                minibatch,
+                _SUBSAMPLE_REMEDY,
+                vectorize,
             )
-            chunk = torch.logsumexp(lw, 0)
-            total = chunk if total is None else torch.logaddexp(total, chunk)
-            guide_trace = runs[0][1]
+            total = add_chunk(total, lw)
+            frames = _batch_plates(runs, True, _SUBSAMPLE_REMEDY)[0]
             if start == 0:
-                frames = sorted(_batch_plates(runs, True, _SUBSAMPLE_REMEDY)[0].values(), key=str)
-                if all(f.vectorized for f in frames):  # else sample() says it cannot
-                    frames = sorted(frames, key=lambda f: f.dim)
-                    batch_dims = tuple(max_plate_nesting + f.dim for f in frames)
+                ordered = sorted(frames.values(), key=str)
+                if all(f.vectorized for f in ordered):  # else sample() says it cannot
+                    ordered = sorted(ordered, key=lambda f: f.dim)
+                    batch_dims = tuple(max_plate_nesting + f.dim for f in ordered)
                 else:
                     batch_dims = None
+            guide_traces = [guide_trace for _, guide_trace in runs]
         else:
-            fn = in_particle_plate(guide, size, max_plate_nesting)
-            guide_trace = SampleTrace(detach=True)(fn).get_trace(*args, **kwargs)
-            lw = torch.zeros(size, device=_device(guide_trace))
+            if vectorize:
+                fn = in_particle_plate(guide, size, max_plate_nesting)
+                guide_traces = [SampleTrace(detach=True)(fn).get_trace(*args, **kwargs)]
+            else:
+                guide_traces = [
+                    SampleTrace(detach=True)(guide).get_trace(*args, **kwargs) for _ in range(size)
+                ]
+            lw = torch.zeros(size, device=_device(guide_traces[0]))
+            runs, frames = None, {}
         chunks.append(lw)
-        if keep_particles:
-            for name, site in guide_trace.nodes.items():
-                if is_latent(site):
-                    value = site["value"].detach()
-                    if value.shape[:1] != (size,):
-                        raise ValueError(
-                            f"guide site '{name}' has shape {tuple(value.shape)}, without the "
-                            f"particle dim in front (max_plate_nesting={max_plate_nesting})"
-                        )
-                    latents.setdefault(name, []).append(value)
+        if keep_particles and vectorize:
+            _keep_vectorized(guide_traces[0], size, max_plate_nesting, latents, start == 0)
+        elif keep_particles:
+            for guide_trace in guide_traces:
+                particles.append(run_particle(guide_trace))
+                for name, site in guide_trace.nodes.items():
+                    if is_latent(site):
+                        event_dims.setdefault(name, site["fn"].event_dim)
+            if frames and not any(f.vectorized for f in frames.values()):
+                cells.extend(batch_cells(runs, frames))
     lw = torch.cat(chunks)
     normalized = lw - torch.logsumexp(lw, 0)
     log_evidence = None if total is None else total - math.log(K)
     if log_evidence is not None:
         check_finite_bound(log_evidence, lw)  # with validation on: a clear error if all w = 0
-    latents = {n: torch.cat(v) for n, v in latents.items()} if keep_particles else None
+    if not keep_particles:
+        return ImportancePosterior(
+            None, normalized, log_evidence, reason is None, reason, batch_dims
+        )
+    if vectorize:
+        latents = {n: torch.cat(v) for n, v in latents.items()}
+        return ImportancePosterior(
+            latents, normalized, log_evidence, reason is None, reason, batch_dims
+        )
+    stacked, why = stack_particles(particles, event_dims, max_plate_nesting)
     return ImportancePosterior(
-        latents, normalized, log_evidence, reason is None, reason, batch_dims
+        stacked,
+        normalized,
+        log_evidence,
+        reason is None,
+        reason,
+        batch_dims,
+        particles=particles,
+        cells=cells or None,
+        why_not_stacked=why,
     )
+
+
+def _keep_vectorized(guide_trace, size, plate_nesting, latents, first) -> None:
+    """Append the latents of one vectorized chunk to ``latents`` (same sites in every chunk)."""
+    names = [name for name, site in guide_trace.nodes.items() if is_latent(site)]
+    if not first and set(names) != set(latents):
+        diff = sorted(set(names).symmetric_difference(latents))
+        raise ValueError(
+            f"the chunks of vectorized particles have different latent sites ({', '.join(diff)}): "
+            "the program's structure is not static. Pass vectorize_particles=False (one run "
+            "per particle)."
+        )
+    for name in names:
+        value = guide_trace.nodes[name]["value"].detach()
+        if value.shape[:1] != (size,):
+            raise ValueError(
+                f"guide site '{name}' has shape {tuple(value.shape)}, without the "
+                f"particle dim in front (max_plate_nesting={plate_nesting})"
+            )
+        latents.setdefault(name, []).append(value)
 
 
 # --------------------------------------------------------------------------------------------

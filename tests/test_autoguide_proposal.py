@@ -21,7 +21,7 @@ import torch
 from pyro.infer import SVI
 from torch.distributions import constraints
 
-from pyro_rws import RWS, SleepPhaseLoss, log_evidence
+from pyro_rws import RWS, SleepPhaseLoss, importance_posterior, log_evidence
 from pyro_rws.autoguides.proposal import AutoAmortizedProposal
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -284,3 +284,30 @@ def test_plates_broadcast_over_the_model_plates():
     trace = poutine.trace(guide).get_trace(x)
     assert trace.nodes["z"]["value"].shape == (5,)
     assert trace.nodes["z"]["fn"].batch_shape == (5,)
+
+
+def test_local_latents_learn_each_elements_posterior():
+    """
+    A latent inside a model plate, with an observation in the same plate: each element's
+    proposal reads its own x_i (``local_observations``, the default), and the sleep phase
+    fits each element's posterior N(x_i / 1.09, 0.287^2); a shared proposal cannot.
+    """
+
+    def plated(x):
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 0.3), obs=x)
+
+    x = torch.tensor([-1.5, 0.2, 2.0])
+    ess = {}
+    for local in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoAmortizedProposal(plated, hidden_dim=8, local_observations=local)
+        svi = SVI(plated, guide, pyro.optim.Adam({"lr": 0.01}), loss=SleepPhaseLoss(32))
+        for _ in range(120):
+            svi.step(x)
+        post = importance_posterior(plated, guide, x, num_particles=1000)
+        ess[local] = post.effective_sample_size / 1000
+    assert bool((ess[True] > 0.8).all()), ess
+    assert bool((ess[False] < 0.6).any()), ess

@@ -35,9 +35,16 @@ reads the ``obs=`` values (cached for repeated calls with the same argument tens
 
 Batch dimensions: plates active when the guide is called (the particle plate of a vectorized
 loss, ``Predictive(parallel=True)``) index independent runs; the recurrent state carries them,
-and the observations are embedded per run. The model's own plates are broadcast over: a latent
-inside a plate gets the same proposal for every element, and the embedding of its value enters
-the state averaged over the plate (amortization per datapoint needs a hand-written guide).
+and the observations are embedded per run. The model's own plates are broadcast over: the state
+is one per run, and the embedding of a latent's value enters it averaged over the plate. A
+latent :math:`z_i` inside model plates is proposed per element: its head also reads, per
+element, the values of the observed sites in exactly the same (unsubsampled) plates,
+
+.. math:: q_a(z_i \mid \mathrm{head}_a([h_t, e, x_i])),
+
+so that local latents are amortized per datapoint (``local_observations=False``: the same
+proposal for every element, which is still a valid proposal with the prior's support, but one
+fitted by the sleep phase to the plate-average of the elements' posteriors).
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ class _Head(nn.Module):
         self, fn, in_dim: int, address_dim: int, value_dim: int, num_components: int, flow: bool
     ):
         super().__init__()
+        self.local: tuple = ()  # (observed site, event dim, width) fed per plate element
         self.address = nn.Parameter(0.1 * torch.randn(address_dim))
         self.event_shape = tuple(fn.event_shape)
         self.event_numel = math.prod(self.event_shape)
@@ -263,9 +271,18 @@ def _outer_batch() -> tuple[tuple[int, ...], int]:
 class _Run(Messenger):
     """One run of the guide: proposals at the model's latent sites, observed sites hidden."""
 
-    def __init__(self, guide: AutoAmortizedProposal, embedding: torch.Tensor):
+    def __init__(
+        self,
+        guide: AutoAmortizedProposal,
+        embedding: torch.Tensor,
+        observations: dict | None = None,
+    ):
         super().__init__()
         self.guide, self.embedding = guide, embedding
+        self.observations = observations or {}
+        self.outer = {  # plates active before the model runs: independent runs, not the model's
+            m.name for m in _PYRO_STACK if isinstance(m, SubsampleMessenger) and m._vectorized
+        }
         batch = embedding.shape[:-1]
         zeros = embedding.new_zeros
         self.h = zeros(batch + (guide.hidden_dim,))
@@ -280,7 +297,10 @@ class _Run(Messenger):
             msg["stop"] = True
             return
         name, prior = msg["name"], msg["fn"]
-        head = self.guide._head(name, prior, self.embedding)
+        plates = frozenset(
+            f.name for f in msg["cond_indep_stack"] if f.vectorized and f.name not in self.outer
+        )
+        head = self.guide._head(name, prior, self.embedding, plates)
         batch = self.embedding.shape[:-1]
         inputs = torch.cat([self.embedding, head.address.expand(batch + (-1,)), self.prev], -1)
         flat = (-1, self.guide.hidden_dim)
@@ -288,11 +308,36 @@ class _Run(Messenger):
             inputs.reshape(-1, inputs.shape[-1]), (self.h.reshape(flat), self.c.reshape(flat))
         )
         self.h, self.c = h.reshape(self.h.shape), c.reshape(self.c.shape)
-        msg["fn"] = head.proposal(torch.cat([self.h, self.embedding], -1), prior)
+        features = torch.cat([self.h, self.embedding], -1)
+        if head.local:
+            features = self._with_local(features, head, prior)
+        msg["fn"] = head.proposal(features, prior)
         self.priors[name] = prior
         infer = msg["infer"] or {}
         if "enumerate" in infer:  # the guide samples every latent it proposes
             msg["infer"] = {k: v for k, v in infer.items() if k != "enumerate"}
+
+    def _with_local(self, features: torch.Tensor, head: _Head, prior) -> torch.Tensor:
+        """
+        The features of every plate element: the run's features with, per element, the values
+        of the observed sites in exactly the latent's plates (``head.local``: name, event dim,
+        width; zeros where a site is absent or does not broadcast to the latent's plates).
+        """
+        batch = _broadcast(features.shape[:-1], prior.batch_shape)
+        parts = [features.expand(batch + features.shape[-1:])]
+        for name, event_dim, width in head.local:
+            value = self.observations.get(name)
+            part = None
+            if value is not None:
+                value = torch.as_tensor(value).to(features)
+                value = value.reshape(value.shape[: value.dim() - event_dim] + (-1,))
+                if value.shape[-1] == width and value.dim() - 1 <= len(batch):
+                    try:
+                        part = value.expand(batch + (width,))
+                    except RuntimeError:
+                        part = None
+            parts.append(part if part is not None else features.new_zeros(batch + (width,)))
+        return torch.cat(parts, -1)
 
     def _postprocess_message(self, msg) -> None:
         prior = self.priors.pop(msg["name"], None) if msg["type"] == "sample" else None
@@ -365,6 +410,10 @@ class AutoAmortizedProposal(nn.Module):
     :param int num_standardize: on the first call, the observations are standardized by the
         mean and std of this many simulations from the model (0: not standardized;
         :meth:`prepare` sets them from its own simulations).
+    :param bool local_observations: feed the head of a latent inside model plates, per plate
+        element, the values of the observed sites in exactly the same plates (so that a local
+        latent :math:`z_i` is proposed from its own :math:`x_i`); False: one proposal for every
+        element.
     :param str name: the prefix of the parameters in Pyro's param store.
 
     References
@@ -385,6 +434,7 @@ class AutoAmortizedProposal(nn.Module):
         continuous: str = "normal",
         observations_from: Callable | None = None,
         num_standardize: int = 100,
+        local_observations: bool = True,
         name: str = "AutoAmortizedProposal",
     ):
         super().__init__()
@@ -397,6 +447,7 @@ class AutoAmortizedProposal(nn.Module):
         self.continuous = continuous
         self.observations_from = observations_from
         self.num_standardize = int(num_standardize)
+        self.local_observations = bool(local_observations)
         self.name = name
         self.register_buffer("_ref", torch.zeros(()), persistent=False)  # dtype and device
         self.embedding: ObservationEmbedding | None = None  # created on the first call
@@ -404,6 +455,8 @@ class AutoAmortizedProposal(nn.Module):
         self.heads = nn.ModuleDict()
         #: observed site -> (batch dims, event dims, shape per run), from the first call
         self.observed: dict[str, tuple[int, int, tuple]] = {}
+        #: observed site -> (its plates, event dim, values per element), for local proposals
+        self.observed_plates: dict[str, tuple[frozenset, int, int]] = {}
         self.on_new_address: Callable | None = None
         self._prepared = False
         self._cache = None
@@ -426,7 +479,7 @@ class AutoAmortizedProposal(nn.Module):
             observations = self._read_observations(args, kwargs)
         elif any(name not in self.observed for name in observations):
             self._read_observations(args, kwargs, uncondition=True)
-        run = _Run(self, self._embed(observations, args, kwargs))
+        run = _Run(self, self._embed(observations, args, kwargs), observations)
         before = len(self.heads)
         with run:
             self.model(*args, **kwargs)
@@ -482,6 +535,13 @@ class AutoAmortizedProposal(nn.Module):
                                 value, batch_dim=batch_dim, event_dim=event_dim, plate_dims=()
                             ).shape[batch_dim:]
                             self.observed[name] = (batch_dim, event_dim, tuple(shape))
+                            frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+                            if frames and all(
+                                f.full_size is None or f.full_size == f.size for f in frames
+                            ):  # (a subsampled plate's hidden run drew another minibatch)
+                                width = math.prod(value.shape[value.dim() - event_dim :])
+                                plates = frozenset(f.name for f in frames)
+                                self.observed_plates[name] = (plates, event_dim, width)
         if not uncondition:
             self._cache = (tensors, observed)
         return observed
@@ -528,19 +588,27 @@ class AutoAmortizedProposal(nn.Module):
             context = context.reshape(lead[len(lead) - len(batch) :] + context.shape[-1:])
         return context.expand(tuple(batch) + context.shape[-1:])
 
-    def _head(self, name: str, prior, embedding: torch.Tensor) -> _Head:
+    def _head(self, name: str, prior, embedding: torch.Tensor, plates=frozenset()) -> _Head:
         key = _key(name)
         head = self.heads[key] if key in self.heads else None
         if head is None:
             fn = _unwrap(prior)
+            local = ()
+            if plates and self.local_observations:
+                local = tuple(
+                    (obs, event_dim, width)
+                    for obs, (obs_plates, event_dim, width) in sorted(self.observed_plates.items())
+                    if obs_plates == plates
+                )
             head = _Head(
                 prior if fn.event_shape != prior.event_shape else fn,
-                self.hidden_dim + embedding.shape[-1],
+                self.hidden_dim + embedding.shape[-1] + sum(w for _, _, w in local),
                 self.address_dim,
                 self.value_dim,
                 self.num_components,
                 self.continuous == "flow",
             ).to(device=embedding.device, dtype=embedding.dtype)
+            head.local = local
             self.heads[key] = head
             if head.kind == "prior":
                 warnings.warn(
