@@ -10,7 +10,7 @@ program that is a tenth of a step. Here every operation is called through its C+
 public torch function (or tensor method) of its name, which parses its arguments and picks the
 overload in C++, or, where there is none, the overload's own entry (``OpOverload._op``). The
 public function picks its overload from the arguments, so the first replay is checked against
-the graph (:func:`same_operations`: the same operations reach the kernels, on the same shapes,
+the graph (``same_operations``: the same operations reach the kernels, on the same shapes,
 with the same outputs bit for bit, from the same random state); where it differs the overloads'
 own entries are used, as they are, without a check, for a graph that mutates tensors (a
 checking run would mutate them twice more). Intermediate tensors are released after their last
@@ -60,7 +60,7 @@ def straight_line(captured: GraphModule, public: bool = True):
     operation's C++ entry directly (``public``: the torch function of its name, which picks the
     overload from the arguments; else the overload's own entry, ``OpOverload._op``), without
     ``torch.ops``' Python layer. Intermediate tensors are released after their last use, as in
-    ``GraphModule``'s code. :func:`same_operations` checks that a ``public`` version dispatches
+    ``GraphModule``'s code. ``same_operations`` checks that a ``public`` version dispatches
     what the graph does.
     """
     graph = captured.graph

@@ -35,9 +35,9 @@ float64), the per-chunk traces are not. ``keep_particles=False`` keeps the weigh
 **Stochastic control flow.** With ``vectorize_particles=False`` each particle is a separate run
 of guide and model, as in the losses, so particles may differ in structure (a random number of
 objects, a parse tree). Each particle is then kept as a dict of the sites its run drew
-(:attr:`~pyro_rws.ImportancePosterior.particles`), and
+(``ImportancePosterior.particles``), and
 :meth:`~pyro_rws.ImportancePosterior.sample_particles` resamples whole runs: a list of dicts,
-one per draw, each a consistent run (see :mod:`pyro_rws._particles`). Weighted expectations
+one per draw, each a consistent run (see ``pyro_rws._particles``). Weighted expectations
 need no resampling: ``sum_k exp(log_weights[k]) f(particles[k])``.
 
 A model whose observed site has no density (``pyro.deterministic``, a ``Delta``, or a
@@ -192,7 +192,7 @@ class ImportancePosterior:
         batch plates (``for i in pyro.plate(...)``) each batch element is drawn by its own
         weights, and a draw holds, for each element, that element's sites from the particle
         drawn for it. Sequential particles are the values of their runs; vectorized ones
-        (and sequential ones with vectorized batch plates) are slices of :attr:`latents`, in
+        (and sequential ones with vectorized batch plates) are slices of ``latents``, in
         the layout of :meth:`sample`.
         """
         num_samples = check_count("num_samples", num_samples, 1)
