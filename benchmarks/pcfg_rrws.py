@@ -20,8 +20,8 @@ Estimators: rws = RWS(K, insomnia=1) vs rrws ``ww``; ws-le = RWS(K, insomnia=0,
 num_sleep_particles=K) vs rrws ``ws``; vimco = VIMCO(K) vs rrws ``vimco``; ws = WakeSleepELBO
 (pyro_rws only); reinforce = VIMCO(K, baseline=None) vs rrws ``reinforce``.
 
-``check`` compares the gradients of one step of pyro_rws's RWS and VIMCO with rrws's wake-theta
-/ wake-phi and VIMCO losses on the same particles (exact up to float32 rounding).
+``check`` compares the gradients of one step of pyro_rws's RWS, VIMCO and REINFORCE with rrws's
+wake-theta / wake-phi, VIMCO and REINFORCE losses on the same particles (exact up to float32 rounding).
 
 ``time`` interleaves iterations of pyro_rws's RWS and rrws's ``train_wake_wake`` (same K, batch,
 one thread, from the same initial parameters), reporting the median ms per iteration of each
@@ -434,7 +434,7 @@ def check(args) -> None:
         words = [true.sample_obs() for _ in range(batch)]
         sentences = [grammar.sentence(w) for w in words]
         for est in args.estimators:
-            if est not in ("rws", "vimco"):
+            if est not in ("rws", "vimco", "reinforce"):
                 continue
             drawn = []
 
@@ -460,6 +460,11 @@ def check(args) -> None:
                 phi_loss = rrws_losses.get_wake_phi_loss_from_log_weight_and_log_q(lw, lq)
                 phi_grads = torch.autograd.grad(phi_loss, list(inf.parameters()), allow_unused=True)
                 theirs = [*theta_grads, *phi_grads]
+            elif est == "reinforce":
+                loss, _ = rrws_losses.get_reinforce_loss(gen, inf, words, k)
+                theirs = torch.autograd.grad(
+                    loss, [*gen.parameters(), *inf.parameters()], allow_unused=True
+                )
             else:
                 trees = [drawn[j][i] for i in range(batch) for j in range(k)]
                 order = iter(trees)
