@@ -167,8 +167,9 @@ SETTINGS = {
 }
 
 
-def make_step(method, guide, num_data, cmws, setting, insomnia=1.0, depth=2):
+def make_step(method, guide, num_data, cmws, setting, insomnia=1.0, depth=2, particles=None):
     module, L, Kp, J, P = setting
+    P = particles or P
     if not method.endswith("-code"):
         loss = {
             "mws": lambda: MemoisedWakeSleep(L, Kp, insomnia=insomnia),
@@ -216,7 +217,9 @@ def run(method, seed, args, data, cmws):
     pyro.module("guide", guide)
     params = [v.unconstrained() for v in pyro.get_param_store().values()]
     optim = torch.optim.Adam(params, lr=args.lr)
-    step = make_step(method, guide, N, cmws, SETTINGS[args.model], args.insomnia, args.depth)
+    step = make_step(
+        method, guide, N, cmws, SETTINGS[args.model], args.insomnia, args.depth, args.particles
+    )
     batches = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     curve, seconds = [], 0.0
@@ -277,6 +280,12 @@ def main():
         "phase (the hmws experiments use 0.5); hmws code with < 1: programs model only",
     )
     parser.add_argument(
+        "--particles",
+        type=int,
+        default=None,
+        help="particles of rws/vimco (and -code): default the equal-evaluations 20 / 50",
+    )
+    parser.add_argument(
         "--depth", type=int, default=2, help="programs: operators (2: 900, 3: 27,000 programs)"
     )
     parser.add_argument("--T", type=int, default=None, help="series length / inputs (20 / 4)")
@@ -333,7 +342,8 @@ def report(results, true_logp, args, methods):
             f"Programs model ({len(A.programs(args.depth)):,} programs, depth {args.depth}, "
             f"{args.T} inputs), {args.num_train} training / "
             f"{args.num_test} test datapoints, B={args.batch_size}, {args.steps} Adam steps "
-            f"(lr {args.lr}), insomnia {args.insomnia}, 20 model evaluations per datapoint and "
+            f"(lr {args.lr}), insomnia {args.insomnia}, MWS 20 and RWS/VIMCO "
+            f"{args.particles or 20} model evaluations per datapoint and "
             f"step (+ one sleep fantasy per datapoint with insomnia < 1); held-out log p(x) per "
             f"datapoint, exact"
         )
