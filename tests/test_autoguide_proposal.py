@@ -311,3 +311,20 @@ def test_local_latents_learn_each_elements_posterior():
         ess[local] = post.effective_sample_size / 1000
     assert bool((ess[True] > 0.8).all()), ess
     assert bool((ess[False] < 0.6).any()), ess
+
+
+def _variable_length_model(x=None):
+    n = pyro.sample("n", dist.Categorical(torch.tensor([0.5, 0.5])))
+    length = 2 + int(n)
+    mean = torch.zeros(length) + n
+    pyro.sample("x", dist.Normal(mean, 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize("num_standardize", [0, 20])
+def test_observation_of_varying_shape_is_a_clear_error(num_standardize):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoAmortizedProposal(_variable_length_model, num_standardize=num_standardize)
+    with pytest.raises(ValueError, match="cannot be embedded by its shape"):
+        for length in (2, 3, 2, 3):  # the embedding is built for the first shape it meets
+            guide(torch.zeros(length))

@@ -224,6 +224,24 @@ class Standardize(nn.Module):
         return (x.to(self.mean.dtype) - self.mean) / self.std
 
 
+def check_observation_shape(name: str, shape: Sequence[int], expected: Sequence[int]) -> None:
+    """
+    Raise a ValueError if an observed value of shape ``shape`` does not end in the per-datapoint
+    shape ``expected`` that the embedding was built for (observations whose shape changes
+    between runs, such as sentences of varying length, cannot be embedded by shape).
+    """
+    expected = tuple(expected)
+    shape = tuple(shape)
+    if len(shape) < len(expected) or shape[len(shape) - len(expected) :] != expected:
+        raise ValueError(
+            f"observed site {name!r} has shape {shape}, but the embedding of the observations "
+            f"was built for values of shape batch + {expected}. An observation whose shape "
+            "changes between runs (a sentence of varying length, a variable number of points) "
+            "cannot be embedded by its shape: give the model a fixed-shape observation (e.g. pad "
+            "to a maximum length and observe the length too), or write the guide by hand."
+        )
+
+
 class ObservationEmbedding(nn.Module):
     """
     Standardize and embed the observed values ``{site name: batch + shape}`` into a context
@@ -284,6 +302,8 @@ class ObservationEmbedding(nn.Module):
                 f"observed site(s) {missing} missing from the observations given to the "
                 f"embedding (it reads {self.names})"
             )
+        for name in self.names:
+            check_observation_shape(name, values[name].shape, self.shapes[name])
         return self._embed(values)
 
     def standardize_from(self, values: Mapping[str, torch.Tensor]) -> None:

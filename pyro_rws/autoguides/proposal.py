@@ -66,7 +66,7 @@ from torch import nn
 
 from .._traces import _cuda_devices
 from ._heads import _broadcast, _Head, _key, _unwrap
-from .embedding import ObservationEmbedding, datapoints
+from .embedding import ObservationEmbedding, check_observation_shape, datapoints
 
 
 def _outer_batch() -> tuple[tuple[int, ...], int]:
@@ -475,6 +475,8 @@ class AutoAmortizedProposal(nn.Module):
         values = {}
         for name, (batch_dim, event_dim, _) in self.observed.items():
             found = [obs[name] for _, obs in runs if name in obs]
+            for value in found[1:]:
+                check_observation_shape(name, value.shape, found[0].shape)
             if len(found) > 1:
                 values[name] = torch.stack(
                     [
