@@ -21,7 +21,8 @@ num_sleep_particles=K) vs rrws ``ws``; vimco = VIMCO(K) vs rrws ``vimco``; ws = 
 (pyro_rws only); reinforce = VIMCO(K, baseline=None) vs rrws ``reinforce``.
 
 ``check`` compares the gradients of one step of pyro_rws's RWS, VIMCO and REINFORCE with rrws's
-wake-theta / wake-phi, VIMCO and REINFORCE losses on the same particles (exact up to float32 rounding).
+wake-theta / wake-phi, VIMCO and REINFORCE losses on the same particles (exact up to float32
+rounding).
 
 ``time`` interleaves iterations of pyro_rws's RWS and rrws's ``train_wake_wake`` (same K, batch,
 one thread, from the same initial parameters), reporting the median ms per iteration of each
