@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The interval bijections of the flow guides (pyro_rws/autoguides/support.py)."""
 
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -83,8 +84,6 @@ def test_interval_bijection_dispatch():
 
 
 def _box_model(x=None):
-    import pyro
-
     theta = pyro.sample("theta", dist.Uniform(-torch.ones(2), torch.ones(2)).to_event(1))
     return pyro.sample("x", dist.Normal(theta, 0.1).to_event(1), obs=x)
 
@@ -101,3 +100,50 @@ def test_autoguide_option():
     assert "SigmoidTransform" in repr(sigmoid._bijections["theta"])
     with pytest.raises(ValueError, match="interval_bijection must be one of"):
         AutoAmortizedFlow(_box_model, interval_bijection="reject")
+
+
+def test_log_prob_is_the_sleep_loss_fit_guide_trains_on(monkeypatch):
+    import pyro_rws
+    from pyro_rws._sleep import SleepState
+    from pyro_rws.posterior import _direct, _sleep_loss
+
+    sims = pyro_rws.simulate(_box_model, 300, observed=("x",), seed=0, progress=False)
+    guide = AutoAmortizedFlow(_box_model, num_transforms=2, hidden_dims=[8])
+    guide.standardize(sims)
+    batch = sims[:50]
+    slow = _sleep_loss(_box_model, guide, batch, (), {}, None, SleepState())
+    fast = -guide.log_prob(batch.latents, batch.observations).mean()
+    assert torch.allclose(fast, slow, rtol=1e-12)
+    assert _direct(guide, sims, None) and not _direct(guide, sims, {"x": "x"})
+    (g_fast,) = torch.autograd.grad(fast, [next(guide.parameters())])
+    (g_slow,) = torch.autograd.grad(slow, [next(guide.parameters())])
+    assert torch.allclose(g_fast, g_slow, rtol=1e-10, atol=1e-12)
+    # fit_guide through log_prob and through the sleep phase's traces: the same training
+    histories = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr("pyro_rws.posterior._direct", lambda *a: False)
+        pyro.set_rng_seed(1)
+        g = AutoAmortizedFlow(_box_model, num_transforms=2, hidden_dims=[8])
+        g.standardize(sims)
+        h = pyro_rws.fit_guide(_box_model, g, sims, max_epochs=3, seed=0, progress=False)
+        histories.append(h.train_loss + h.validation_loss)
+    assert histories[0] == pytest.approx(histories[1], rel=1e-9)
+
+
+def test_log_prob_sums_the_datapoint_plates():
+    import pyro.poutine as poutine
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(theta, 0.5).to_event(1), obs=x)
+
+    x = torch.randn(3, 2)
+    guide = AutoAmortizedFlow(model, num_transforms=2, hidden_dims=[8])
+    trace = poutine.trace(guide).get_trace(x)
+    trace.compute_log_prob()
+    lp = guide.log_prob({"theta": trace.nodes["theta"]["value"]}, {"x": x})
+    assert torch.allclose(lp, trace.nodes["theta"]["log_prob"].sum())
+    with pytest.raises(ValueError, match="call the guide or standardize"):
+        AutoAmortizedFlow(model).log_prob({"theta": x}, {"x": x})

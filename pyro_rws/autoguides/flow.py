@@ -475,6 +475,34 @@ class AutoAmortizedFlow(AutoGuide):
                     context = self._extend(context, name, value)
         return result
 
+    def log_prob(self, latents: Mapping, observations: Mapping) -> torch.Tensor:
+        r"""
+        :math:`\log q(\theta \mid x)` of given latents, summed over the latent sites and the
+        datapoint plates: one number per element of the leading (batch) dims, e.g. ``(B,)`` for
+        ``B`` simulations as :class:`~pyro_rws.Simulations` store them. The same density the
+        guide samples from and :class:`~pyro_rws.SleepPhaseLoss` scores (without Pyro's
+        effect handlers: :func:`~pyro_rws.fit_guide` trains through it).
+
+        :param dict latents: ``{latent site: value}``, with the site's shape after the
+            leading dims.
+        :param dict observations: ``{observed site: value}``, the same leading dims.
+        """
+        if self.prototype_trace is None:
+            raise ValueError(
+                "AutoAmortizedFlow.log_prob needs the model's structure: call the guide or "
+                "standardize(simulations) first"
+            )
+        x = {n: datapoints(observations[n], **self._layout[n]) for n in self._observed_sites}
+        context = self._context(x, {})
+        total = 0.0
+        for k, name in enumerate(self._latent_sites):
+            value = latents[name]
+            total = total + self._site_distribution(name, context).log_prob(value)
+            if k + 1 < len(self._latent_sites):
+                context = self._extend(context, name, value)
+        n_c = max((-f.dim for f in self._plate_frames), default=0)
+        return total.sum(tuple(range(-n_c, 0))) if n_c else total
+
     def _extend(self, context: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
         dim, event_shape = self._sizes[name]
         u = self._bijections[name].inv(value)
