@@ -373,11 +373,12 @@ def report(rows, out):
             cells.setdefault((r["task"], r["budget"]), []).append(r)
     lines = [
         "C2ST against sbibm's reference posteriors (0.5 is perfect), mean over the observations "
-        "listed; time per step = training time / gradient steps (validation included).",
+        "listed; time per step = training time / gradient steps (validation included); both "
+        "contenders train on the same simulations (pyro_rws's wall time includes simulating).",
         "",
         "| task | budget | obs. | sbi NPE | pyro_rws | pyro_rws + IS | ESS/K | "
-        "sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "epochs sbi / pyro_rws | sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mean = lambda rs, k: statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else None  # noqa: E731
     fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -387,7 +388,7 @@ def report(rows, out):
             f"| {task} | {budget} | {','.join(str(r['observation']) for r in rs)} | "
             f"{fmt(mean(rs, 'sbi'))} | {fmt(mean(rs, 'pyro_rws'))} | "
             f"{fmt(mean(rs, 'pyro_rws+is'))} | {fmt(mean(rs, 'ess_fraction'), 3)} | "
-            f"{si['wall']:.0f} | {pi['wall']:.0f} | "
+            f"{si['epochs']} / {pi['epochs']} | {si['wall']:.0f} | {pi['wall']:.0f} | "
             f"{1e3 * si['train'] / max(si['steps'], 1):.1f} | "
             f"{1e3 * pi['train'] / max(pi['steps'], 1):.1f} |"
         )
