@@ -147,3 +147,19 @@ def test_log_prob_sums_the_datapoint_plates():
     assert torch.allclose(lp, trace.nodes["theta"]["log_prob"].sum())
     with pytest.raises(ValueError, match="call the guide or standardize"):
         AutoAmortizedFlow(model).log_prob({"theta": x}, {"x": x})
+
+
+def test_deterministic_data_site_named_as_observed():
+    import pyro_rws
+
+    def model():  # a simulator that returns its data (sbibm's bernoulli_glm, two_moons)
+        theta = pyro.sample("theta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        x = theta + 0.1 * torch.randn(theta.shape)
+        return pyro.deterministic("data", x, event_dim=1)
+
+    sims = pyro_rws.simulate(model, 100, observed=("data",), seed=0, progress=False)
+    guide = AutoAmortizedFlow(model, num_transforms=1, hidden_dims=[8]).standardize(sims)
+    history = pyro_rws.fit_guide(model, guide, sims, max_epochs=2, seed=0, progress=False)
+    assert history.epochs == 2
+    theta = guide(observations={"data": torch.zeros(7, 2)})["theta"]
+    assert theta.shape == (7, 2)

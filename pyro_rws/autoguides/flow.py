@@ -260,7 +260,8 @@ class AutoAmortizedFlow(AutoGuide):
             if s["type"] == "sample"
             and not site_is_subsample(s)
             and (n in names or s["is_observed"])
-            and not s["infer"].get("_deterministic")
+            # a simulator's returned data recorded by pyro.deterministic counts when named
+            and (n in names or not s["infer"].get("_deterministic"))
             and not s["infer"].get("is_auxiliary")
             and not getattr(s["fn"], "_pyro_is_factor", False)
             and type(s["fn"]).__name__ != "Unit"
