@@ -8,8 +8,9 @@ Contenders, each trained once per task and budget (amortized) and evaluated on e
 observation:
 
 - ``sbi``: ``sbi.inference.NPE`` with its defaults (MAF of 5 transforms, 50 hidden features,
-  batch 200, lr 5e-4, 10 % validation, stop after 20 epochs without improvement), on
-  ``theta ~ prior``, ``x = simulator(theta)`` from sbibm;
+  batch 200, lr 5e-4, 10 % validation, stop after 20 epochs without improvement), trained on
+  the very simulations pyro_rws drew (``theta ~ prior``, ``x ~ simulator(theta)``, flattened as
+  sbibm flattens them), so that the two differ only in the estimator;
 - ``pyro_rws``: ``pyro_rws.simulate`` + ``AutoAmortizedFlow`` (default size, matched to sbi's
   MAF) + ``fit_guide`` (the same defaults as sbi's), posterior samples from the guide;
 - ``pyro_rws+is``: the same guide as the proposal of ``pyro_rws.importance_posterior`` on the
@@ -160,13 +161,16 @@ def task_model(task):
 # --------------------------------------------------------------------------------------------
 # Contenders
 # --------------------------------------------------------------------------------------------
-def run_sbi(task, budget, observations, num_samples, seed):
+def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     from sbi.inference import NPE
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    theta = task.get_prior()(num_samples=budget)
-    x = task.get_simulator()(theta)
+    if simulations is None:
+        theta = task.get_prior()(num_samples=budget)
+        x = task.get_simulator()(theta)
+    else:  # pyro_rws's simulations: both contenders train on the same pairs
+        theta, x = simulations
     inference = NPE(prior=task.get_prior_dist(), show_progress_bars=False)
     inference.append_simulations(theta, x)
     t_train = time.perf_counter()
@@ -180,7 +184,9 @@ def run_sbi(task, budget, observations, num_samples, seed):
         i: posterior.sample((num_samples,), x=task.get_observation(i), show_progress_bars=False)
         for i in observations
     }
-    return samples, dict(wall=wall, train=train_time, steps=steps, epochs=epochs)
+    info = dict(wall=wall, train=train_time, steps=steps, epochs=epochs)
+    info["best_validation_loss"] = float(inference._summary["best_validation_loss"][-1])
+    return samples, info
 
 
 def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
@@ -217,9 +223,11 @@ def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
         train=train_time,
         steps=history.num_steps,
         epochs=history.epochs,
+        best_validation_loss=history.best_validation_loss,
         ess_fraction=ess,
     )
-    return sleep, reweighted, info
+    pairs = (sims.latents["parameters"].reshape(budget, -1), sims.observations["data"])
+    return sleep, reweighted, info, (pairs[0], pairs[1].reshape(budget, -1))
 
 
 def step_ratio(task, rounds=5, steps=10):
@@ -321,12 +329,12 @@ def main(argv=None):
             ]
             if not todo:
                 continue
-            print(f"{name} {budget}: sbi", flush=True)
-            sbi_samples, sbi_info = run_sbi(task, budget, todo, args.num_samples, args.seed)
             print(f"{name} {budget}: pyro_rws", flush=True)
-            sleep, reweighted, info = run_pyro_rws(
+            sleep, reweighted, info, pairs = run_pyro_rws(
                 task, budget, todo, args.num_samples, args.seed, args.num_particles
             )
+            print(f"{name} {budget}: sbi", flush=True)
+            sbi_samples, sbi_info = run_sbi(task, budget, todo, args.num_samples, args.seed, pairs)
             for i in todo:
                 row = dict(kind="c2st", task=name, budget=budget, observation=i)
                 row["sbi"] = c2st_of(task, i, sbi_samples[i], args.num_samples)
@@ -365,11 +373,12 @@ def report(rows, out):
             cells.setdefault((r["task"], r["budget"]), []).append(r)
     lines = [
         "C2ST against sbibm's reference posteriors (0.5 is perfect), mean over the observations "
-        "listed; time per step = training time / gradient steps (validation included).",
+        "listed; time per step = training time / gradient steps (validation included); both "
+        "contenders train on the same simulations (pyro_rws's wall time includes simulating).",
         "",
         "| task | budget | obs. | sbi NPE | pyro_rws | pyro_rws + IS | ESS/K | "
-        "sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "epochs sbi / pyro_rws | sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mean = lambda rs, k: statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else None  # noqa: E731
     fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -379,7 +388,7 @@ def report(rows, out):
             f"| {task} | {budget} | {','.join(str(r['observation']) for r in rs)} | "
             f"{fmt(mean(rs, 'sbi'))} | {fmt(mean(rs, 'pyro_rws'))} | "
             f"{fmt(mean(rs, 'pyro_rws+is'))} | {fmt(mean(rs, 'ess_fraction'), 3)} | "
-            f"{si['wall']:.0f} | {pi['wall']:.0f} | "
+            f"{si['epochs']} / {pi['epochs']} | {si['wall']:.0f} | {pi['wall']:.0f} | "
             f"{1e3 * si['train'] / max(si['steps'], 1):.1f} | "
             f"{1e3 * pi['train'] / max(pi['steps'], 1):.1f} |"
         )

@@ -577,6 +577,26 @@ def _guide_parameters(guide, capture) -> list:
     return [p for p in params.values() if p.requires_grad]
 
 
+def _direct(guide, simulations: Simulations, fantasy_args) -> bool:
+    """
+    Whether the sleep-phi loss of this guide on these simulations is its own ``log_prob``
+    (an :class:`~pyro_rws.AutoAmortizedFlow` reads the observations by site name, so the
+    sleep phase's routing of them changes nothing): stored values, no ``fantasy_args``, no
+    data plates (whose subsampling the sleep phase scales), every site stored.
+    """
+    from .autoguides.flow import AutoAmortizedFlow
+
+    return (
+        isinstance(guide, AutoAmortizedFlow)
+        and guide.prototype_trace is not None
+        and fantasy_args is None
+        and simulations.values is not None
+        and not guide._plate_frames
+        and set(guide._latent_sites) <= set(simulations.latents)
+        and guide._observed_sites <= set(simulations.observations)
+    )
+
+
 def fit_guide(
     model: Callable,
     guide: Callable,
@@ -654,6 +674,11 @@ def fit_guide(
     with poutine.trace(param_only=True) as capture:
         loss_on(train[:1])
     params = _guide_parameters(guide, capture)
+    if _direct(guide, simulations, fantasy_args):  # the same loss without Pyro's handlers
+
+        def loss_on(part):  # noqa: F811
+            return -guide.log_prob(part.latents, part.observations).mean()
+
     if not params:
         raise ValueError(
             "the guide has no parameters to fit (no pyro.param, pyro.module or "

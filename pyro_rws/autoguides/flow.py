@@ -16,8 +16,11 @@ with :math:`c_k = (e(x), \theta_{<k})` the context (:math:`e` the observation em
 :mod:`pyro_rws.autoguides.embedding`, previous sites in their unconstrained form), :math:`f_k` a
 conditional flow, :math:`(\mu_k, \sigma_k)` the standardization of the unconstrained
 :math:`\theta_k` (from simulations, :meth:`~pyro_rws.AutoAmortizedFlow.standardize`) and
-:math:`T_k = \texttt{biject\_to}(\text{support}_k)` the bijection onto the prior's support, as in
-Pyro's autoguides: no sample falls outside the prior's support. Each site is a
+:math:`T_k` a bijection onto the prior's support: no sample falls outside it. For an interval
+(a box prior) :math:`T_k` is the identity but for thin bands at the bounds
+(:class:`~pyro_rws.autoguides.support.SoftEdgeTransform`), so the flow learns in the
+parameter's own space as ``sbi``'s does; for other supports it is
+:math:`\texttt{biject\_to}(\text{support}_k)`, as in Pyro's autoguides. Each site is a
 :class:`~pyro.distributions.TransformedDistribution`, so its ``log_prob`` at a given value is
 the change of variables
 
@@ -58,10 +61,11 @@ from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 from torch.distributions.transforms import AffineTransform, ReshapeTransform
 
 from .embedding import ObservationEmbedding, datapoints
+from .support import INTERVAL_BIJECTIONS, interval_bijection
 
 
 class _ConditionalAffine(ConditionalTransformModule):
@@ -184,6 +188,14 @@ class AutoAmortizedFlow(AutoGuide):
         a layer's stretch at e^3: on two moons (10^3 simulations) the best validation loss was
         -1.44 nats with it, -1.85 with (-8, 8) (sbi's MAF, whose scale is a softplus without an
         upper bound: -2.36).
+    :param str interval_bijection: how a latent with an interval support (a box prior) is
+        mapped onto it: ``"soft_edge"`` (default), the identity on the interval but for bands
+        of 5 % of its width at the ends, into which the real line's tails are folded (the flow
+        learns in the parameter's own space, as ``sbi``'s does, yet no sample leaves the
+        support: :class:`~pyro_rws.autoguides.support.SoftEdgeTransform`), or ``"sigmoid"``
+        (Pyro's ``biject_to``: the flow learns the logit, which distorts posteriors near a
+        bound; on two moons with 10³ simulations C2ST 0.94 against 0.69). Other supports use
+        ``biject_to`` either way.
     :param observed: names of sites to treat as observations even where the model samples them
         (a model called without data); by default, the sites the model observes.
     """
@@ -202,6 +214,7 @@ class AutoAmortizedFlow(AutoGuide):
         num_transforms: int = 5,
         hidden_dims: Sequence[int] = (50, 50, 50),
         log_scale_clip: tuple[float, float] = (-8.0, 8.0),
+        interval_bijection: str = "soft_edge",
         observed: Sequence[str] | None = None,
     ):
         hidden_dims = list(hidden_dims)
@@ -213,7 +226,13 @@ class AutoAmortizedFlow(AutoGuide):
             raise ValueError("hidden_dims must name at least one hidden layer width")
         if isinstance(observed, str):
             observed = [observed]
+        if interval_bijection not in INTERVAL_BIJECTIONS:
+            raise ValueError(
+                f"interval_bijection must be one of {INTERVAL_BIJECTIONS}, "
+                f"got {interval_bijection!r}"
+            )
         super().__init__(model)
+        self._interval_bijection = interval_bijection
         low, high = (float(c) for c in log_scale_clip)
         if not low < high:
             raise ValueError(
@@ -241,7 +260,8 @@ class AutoAmortizedFlow(AutoGuide):
             if s["type"] == "sample"
             and not site_is_subsample(s)
             and (n in names or s["is_observed"])
-            and not s["infer"].get("_deterministic")
+            # a simulator's returned data recorded by pyro.deterministic counts when named
+            and (n in names or not s["infer"].get("_deterministic"))
             and not s["infer"].get("is_auxiliary")
             and not getattr(s["fn"], "_pyro_is_factor", False)
             and type(s["fn"]).__name__ != "Unit"
@@ -299,7 +319,9 @@ class AutoAmortizedFlow(AutoGuide):
             event_shape = site["fn"].event_shape
             dim = math.prod(event_shape)
             self._sizes[name] = (dim, event_shape)
-            self._bijections[name] = biject_to(_static_support(site["fn"], name))
+            self._bijections[name] = interval_bijection(
+                _static_support(site["fn"], name), self._interval_bijection
+            )
             flows.append(_SiteFlow(dim, context_dim, **self._options))
             context_dim += dim
         first = next(iter(observed))
@@ -453,6 +475,34 @@ class AutoAmortizedFlow(AutoGuide):
                 if k + 1 < len(self._latent_sites):
                     context = self._extend(context, name, value)
         return result
+
+    def log_prob(self, latents: Mapping, observations: Mapping) -> torch.Tensor:
+        r"""
+        :math:`\log q(\theta \mid x)` of given latents, summed over the latent sites and the
+        datapoint plates: one number per element of the leading (batch) dims, e.g. ``(B,)`` for
+        ``B`` simulations as :class:`~pyro_rws.Simulations` store them. The same density the
+        guide samples from and :class:`~pyro_rws.SleepPhaseLoss` scores (without Pyro's
+        effect handlers: :func:`~pyro_rws.fit_guide` trains through it).
+
+        :param dict latents: ``{latent site: value}``, with the site's shape after the
+            leading dims.
+        :param dict observations: ``{observed site: value}``, the same leading dims.
+        """
+        if self.prototype_trace is None:
+            raise ValueError(
+                "AutoAmortizedFlow.log_prob needs the model's structure: call the guide or "
+                "standardize(simulations) first"
+            )
+        x = {n: datapoints(observations[n], **self._layout[n]) for n in self._observed_sites}
+        context = self._context(x, {})
+        total = 0.0
+        for k, name in enumerate(self._latent_sites):
+            value = latents[name]
+            total = total + self._site_distribution(name, context).log_prob(value)
+            if k + 1 < len(self._latent_sites):
+                context = self._extend(context, name, value)
+        n_c = max((-f.dim for f in self._plate_frames), default=0)
+        return total.sum(tuple(range(-n_c, 0))) if n_c else total
 
     def _extend(self, context: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
         dim, event_shape = self._sizes[name]
