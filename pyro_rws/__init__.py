@@ -7,14 +7,10 @@ from .autoguides.flow import AutoAmortizedFlow  # amortized flow guide (simulati
 from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
+from .fitting import FitHistory, fit_guide  # simulation-based inference
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
 from .memoised import MWS, MemoisedWakeSleep
-from .posterior import (  # simulation-based inference
-    FitHistory,
-    ImportancePosterior,
-    fit_guide,
-    importance_posterior,
-)
+from .posterior import ImportancePosterior, importance_posterior
 from .rws import RWS, ReweightedWakeSleep
 from .simulation import Simulations, simulate  # simulation-based inference
 from .sleep_phase import SleepPhaseLoss
@@ -45,7 +41,7 @@ __all__ = [
     "VIMCO",
     "WakeSleepELBO",
     "log_evidence",
-    # simulation-based inference (pyro_rws/simulation.py, pyro_rws/posterior.py)
+    # simulation-based inference (pyro_rws/simulation.py, fitting.py, posterior.py)
     "FitHistory",
     "ImportancePosterior",
     "Simulations",

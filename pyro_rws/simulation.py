@@ -7,7 +7,7 @@ A simulation budget: pairs :math:`(z_i, x_i) \sim p(z)\,p(x | z)`, drawn once an
 ``obs=`` site sampled (as the sleep phase does) and the sites named in ``observed=`` counted
 as data, and returns them as :class:`~pyro_rws.Simulations`, a
 :class:`torch.utils.data.Dataset`, on which :func:`~pyro_rws.fit_guide`
-(:mod:`pyro_rws.posterior`) fits the guide.
+(:mod:`pyro_rws.fitting`) fits the guide.
 
 **How the model is run.** In chunks of ``chunk_size`` simulations, in order of preference:
 

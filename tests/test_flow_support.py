@@ -105,7 +105,7 @@ def test_autoguide_option():
 def test_log_prob_is_the_sleep_loss_fit_guide_trains_on(monkeypatch):
     import pyro_rws
     from pyro_rws._sleep import SleepState
-    from pyro_rws.posterior import _direct, _sleep_loss
+    from pyro_rws.fitting import _direct, _sleep_loss
 
     sims = pyro_rws.simulate(_box_model, 300, observed=("x",), seed=0, progress=False)
     guide = AutoAmortizedFlow(_box_model, num_transforms=2, hidden_dims=[8])
@@ -122,7 +122,7 @@ def test_log_prob_is_the_sleep_loss_fit_guide_trains_on(monkeypatch):
     histories = []
     for direct in (True, False):
         if not direct:
-            monkeypatch.setattr("pyro_rws.posterior._direct", lambda *a: False)
+            monkeypatch.setattr("pyro_rws.fitting._direct", lambda *a: False)
         pyro.set_rng_seed(1)
         g = AutoAmortizedFlow(_box_model, num_transforms=2, hidden_dims=[8])
         g.standardize(sims)

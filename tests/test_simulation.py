@@ -3,7 +3,7 @@
 """
 Tests of pyro_rws/simulation.py, :func:`simulate` (seeding independent of workers and chunks,
 the three ways of running a model) and :class:`Simulations` (split, save/load, indexing), and of
-:func:`fit_guide` in pyro_rws/posterior.py (the same estimator as :class:`SleepPhaseLoss` on the
+:func:`fit_guide` in pyro_rws/fitting.py (the same estimator as :class:`SleepPhaseLoss` on the
 same pairs, early stopping), with stand-ins that mimic sbibm's prior, simulator and
 ``Simulator`` wrapper.
 """
@@ -21,7 +21,7 @@ from conjugate import data, fixed_model, guide
 from discrete import FixFantasies
 
 from pyro_rws import Simulations, SleepPhaseLoss, fit_guide, importance_posterior, simulate
-from pyro_rws.posterior import sleep_loss
+from pyro_rws.fitting import sleep_loss
 from pyro_rws.simulation import _derived_seed
 
 pytestmark = pytest.mark.usefixtures("float64")
