@@ -281,14 +281,26 @@ def plot(args) -> None:
                         ax.plot(r["iterations"], r[metric], color=COLORS[r["impl"]], lw=1.1, ls=ls)
                 ax.set_title(f"{LABEL[est]}, K = {k}", fontsize=9)
             ax = axes[-1, j]
+            # the seeds every (estimator, implementation) at this K ran: a seed fixes the
+            # initial parameters, so means over different seeds are not comparable
+            groups = [
+                {r["seed"] for r in records if (r["estimator"], r["k"], r["impl"]) == (e, k, i)}
+                for e in ests
+                for i in COLORS
+            ]
+            common = set.intersection(*[g for g in groups if g]) if any(groups) else set()
             for est in ests:
                 for impl, color in COLORS.items():
                     runs = [
-                        r for r in records if (r["estimator"], r["k"], r["impl"]) == (est, k, impl)
+                        r
+                        for r in records
+                        if (r["estimator"], r["k"], r["impl"]) == (est, k, impl)
+                        and r["seed"] in common
                     ]
                     if runs:
                         ax.plot(*_mean_curve(runs, metric), color=color, ls=styles[est], lw=1.4)
-            ax.set_title(f"seed means, K = {k}", fontsize=9)
+            seeds = ",".join(str(s) for s in sorted(common))
+            ax.set_title(f"seed means (seeds {seeds}, common to all), K = {k}", fontsize=9)
             ax.set_xlabel("iteration")
         for ax in axes.flat:
             if metric == "model_error":
