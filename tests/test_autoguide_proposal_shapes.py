@@ -232,3 +232,23 @@ def test_one_site_whose_size_changes_between_runs_is_an_error():
     with pytest.raises(ValueError, match="address 'm'"):
         for n in [0, 1] * 5:
             poutine.condition(guide, data={"n": torch.tensor(n)})(torch.tensor(0.0))
+
+
+def listed(xs):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    for i, x in enumerate(xs):
+        pyro.sample(f"x{i}", dist.Normal(z.expand(x.shape), 1.0).to_event(1), obs=x)
+
+
+def test_observations_inside_a_list_argument_are_read_anew():
+    """The observations read from a hidden model run follow the tensors inside a list."""
+    net = SequenceNet()
+    guide = AutoAmortizedProposal(listed, embedding_net=net, variable_shape=True)
+    first, second = [torch.zeros(2)], [torch.ones(3)]
+    guide(first)
+    assert torch.equal(net.seen[-1], first[0])
+    guide(second)
+    assert torch.equal(net.seen[-1], second[0])
+    second[0].add_(1.0)  # changed in place: read again
+    guide(second)
+    assert torch.equal(net.seen[-1], torch.full((3,), 2.0))
