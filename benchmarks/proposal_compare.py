@@ -30,7 +30,8 @@ Parts (run each under ``nice``, one thread; the committed results used ``simulat
   AutoAmortizedProposal with a GRU sentence embedding and one address per non-terminal, by
   inference compilation (``--settings ic``) and wake-wake RWS (``rws``); see
   ``benchmarks/proposal_pcfg.py`` (the committed runs: ``pcfg --steps 1000 --eval-every 100
-  --settings ic --tag _ic`` and the same with ``--settings rws --tag _rws``, K = 2, seeds 1 2).
+  --settings ic --tag _ic`` and the same with ``--settings rws --tag _rws``, K = 2, seeds 1 2,
+  and ``--seeds 3 --settings ic --tag _ic3``).
 - ``table``: the markdown table.
 """
 

@@ -141,11 +141,16 @@ def part_pcfg(args) -> dict:
 
 def table_lines(load) -> list[str]:
     """The section of proposal_compare.md (``load(name)``: a results json or None)."""
-    parts = [load(f"pcfg{tag}") for tag in ("", "_ic", "_rws")]  # (settings run apart)
+    parts = [load(f"pcfg{tag}") for tag in ("", "_ic", "_rws", "_ic3")]  # (runs made apart)
     parts = [p for p in parts if p and p["runs"]]
     if not parts:
         return []
-    r = dict(parts[0], runs={k: v for p in parts for k, v in p["runs"].items()})
+    runs: dict = {}
+    for part in parts:
+        for setting, guides in part["runs"].items():
+            for name, seeds in guides.items():
+                runs.setdefault(setting, {}).setdefault(name, []).extend(seeds)
+    r = dict(parts[0], runs=runs)
     lines = [
         f"## PCFG (astronomers): rrws's hand-written inference network against "
         f"AutoAmortizedProposal, {r['steps']} iterations, K = {r['particles']}, batch "
