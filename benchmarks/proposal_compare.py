@@ -26,6 +26,12 @@ Parts (run each under ``nice``, one thread; the committed results used ``simulat
   2,000 draws of the analytic posterior N(x_o/2, 0.05 I), for 3 observations.
 - ``pyprob_simulator`` / ``pyprob_gaussian_linear``: the same with PyProb 1.5.0's inference
   compilation (run with /work/venv-pyprob/bin/python), at the same number of simulations.
+- ``pcfg``: rrws's PCFG (astronomers grammar), the hand-written inference network against
+  AutoAmortizedProposal with a GRU sentence embedding and one address per non-terminal, by
+  inference compilation (``--settings ic``) and wake-wake RWS (``rws``); see
+  ``benchmarks/proposal_pcfg.py`` (the committed runs: ``pcfg --steps 1000 --eval-every 100
+  --settings ic --tag _ic`` and the same with ``--settings rws --tag _rws``, K = 2, seeds 1 2,
+  and ``--seeds 3 --settings ic --tag _ic3``).
 - ``table``: the markdown table.
 """
 
@@ -663,6 +669,9 @@ def write_table():
                 f"{ppgl['mean_c2st_resampled']:.3f} | |"
             )
         lines.append("")
+    from proposal_pcfg import table_lines
+
+    lines += table_lines(_load)
     (RESULTS / "proposal_compare.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -681,12 +690,21 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3, help="simulator: Adam's lr")
     parser.add_argument("--seed", type=int, default=0, help="simulator: training seed")
     parser.add_argument(
-        "--auto", default="{}", help="simulator: AutoAmortizedProposal keyword arguments (JSON)"
+        "--auto", default="{}", help="simulator, pcfg: AutoAmortizedProposal keyword arguments"
     )
+    parser.add_argument("--particles", type=int, default=2, help="pcfg: K")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="pcfg: seeds")
+    parser.add_argument("--settings", nargs="+", default=["ic", "rws"], help="pcfg: ic, rws")
+    parser.add_argument("--eval-every", type=int, default=50, help="pcfg: evaluation interval")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.part == "table":
         write_table()
+        return
+    if args.part == "pcfg":
+        from proposal_pcfg import part_pcfg
+
+        part_pcfg(args)  # writes its json after every run
         return
     out = globals()[f"part_{args.part}"](args)
     RESULTS.mkdir(exist_ok=True)

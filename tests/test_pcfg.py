@@ -9,6 +9,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
+import pyro_rws
 from pyro_rws import RWS, cli
 from pyro_rws.examples import pcfg
 
@@ -196,3 +197,53 @@ def test_cli_quick(tmp_path, capsys):
     assert "NP learned" in out
     assert (tmp_path / "pcfg.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["pcfg", "--estimators", "nvil"]) == 2
+
+
+# The three trees of TINY below depth 1 (the last ends in an unexpanded S)
+TINY_TREES = [["S", "a"], ["S", ["S", "a"], "b"], ["S", ["S", "S", "b"], "b"]]
+
+
+def test_guide_tree_log_prob_is_tree_log_prob_and_batch_inference_error():
+    grammar, _, guide = tiny(max_depth=3)
+    true = pcfg.PCFG(grammar, probs={"S": [0.7, 0.3]})
+    torch.manual_seed(5)
+    draws = [true.sample() for _ in range(6)]
+    trees, sentences = [t for t, _ in draws[:2]], [x for _, x in draws[:2]]
+    with torch.no_grad():
+        both = pcfg.guide_tree_log_prob(guide.guide, grammar, trees, sentences)
+        each = sum(guide.tree_log_prob(t, x) for t, x in zip(trees, sentences, strict=True))
+    assert num(both) == pytest.approx(num(each), abs=1e-12)
+    error = pcfg.batch_inference_error(guide.guide, true, draws, batch_size=2)
+    expected = -sum(num(guide.tree_log_prob(z, x)) for z, x in draws) / 6
+    assert error == pytest.approx(expected, abs=1e-10)
+    with pytest.raises(ValueError, match="control flow"):  # a tree the guide does not follow
+        pcfg.guide_tree_log_prob(guide.guide, grammar, [trees[0]], sentences)
+
+
+def test_auto_proposal_on_sentences_of_varying_length():
+    """AutoAmortizedProposal with a GRU embedding and one head per tree and non-terminal."""
+    grammar, model, _ = tiny(max_depth=1)
+    guide = pcfg.auto_proposal(model, obs_dim=8, hidden_dim=8)
+    sentences = [torch.tensor([A, B]), torch.tensor([A])]
+    # q is one distribution over the 3 x 3 tree pairs, for sentences of several lengths
+    for xs in (sentences, [torch.tensor([UNK, B, B]), torch.tensor([A, B])]):
+        with torch.no_grad():
+            total = sum(
+                pcfg.guide_tree_log_prob(guide, grammar, [t0, t1], xs).exp()
+                for t0 in TINY_TREES
+                for t1 in TINY_TREES
+            )
+        assert num(total) == pytest.approx(1.0, abs=1e-12)
+    assert guide.addresses == ["t0/S", "t1/S"]
+    assert pcfg.nonterminal_address("t1/S/0NP/1PP") == "t1/PP"
+    # the sleep phase: fantasies of every length reach the embedding, no standardization
+    loss = pyro_rws.SleepPhaseLoss(4, vectorize_particles=False, max_plate_nesting=0)
+    guide.prepare(sentences, num_simulations=10)  # every address, for torch.optim
+    optimizer = torch.optim.Adam(guide.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in guide.lstm.parameters()]
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss.loss_and_grads(model.model, guide, sentences)
+        optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, guide.lstm.parameters(), strict=True))
+    assert len(guide.embedding.standardizers) == 0

@@ -49,6 +49,25 @@ def _num_categories(fn) -> int | None:
     return int(upper) + 1
 
 
+def signature(fn) -> tuple:
+    """
+    What a head is built for: ``(family, event shape, categories or unconstrained shape)``, the
+    family of a continuous site naming the class of its support (real, greater-than, interval,
+    simplex, ...). Sites that share an address must agree on it.
+    """
+    support = fn.support
+    if _base_support(support) is constraints.boolean:
+        return ("bernoulli", tuple(fn.event_shape), None)
+    k = _num_categories(fn)
+    if k is not None:
+        return ("categorical", tuple(fn.event_shape), k)
+    if not support.is_discrete and _has_bijection(support):
+        unconstrained = tuple(biject_to(support).inverse_shape(fn.event_shape))
+        kind = type(_base_support(support)).__name__.strip("_").lower()  # real, greaterthan, ...
+        return (f"continuous ({kind})", tuple(fn.event_shape), unconstrained)
+    return ("prior", tuple(fn.event_shape), None)
+
+
 class _Head(nn.Module):
     """The proposal of one address: its address embedding, value embedding and output layer."""
 
@@ -57,6 +76,8 @@ class _Head(nn.Module):
     ):
         super().__init__()
         self.local: tuple = ()  # (observed site, event dim, width) fed per plate element
+        self.plates: frozenset = frozenset()  # the model plates of the sites it proposes
+        self.signature = signature(fn)
         self.address = nn.Parameter(0.1 * torch.randn(address_dim))
         self.event_shape = tuple(fn.event_shape)
         self.event_numel = math.prod(self.event_shape)
@@ -88,6 +109,20 @@ class _Head(nn.Module):
         if self.out is not None:  # start near the prior's scale, not at random sizes
             nn.init.normal_(self.out.weight, std=0.01)
             nn.init.zeros_(self.out.bias)
+
+    def check(self, name: str, address: str, prior, plates: frozenset) -> None:
+        """Sites of one address need the same proposal family, shapes and model plates."""
+        fn = _unwrap(prior)
+        found = signature(prior if fn.event_shape != prior.event_shape else fn)
+        if found != self.signature or plates != self.plates:
+            raise ValueError(
+                f"site '{name}' is mapped to the address '{address}', whose proposal was built "
+                f"for a prior with (family, event shape, categories or unconstrained shape) = "
+                f"{self.signature} in plates {sorted(self.plates)}, but its prior "
+                f"{type(fn).__name__} has {found} in plates {sorted(plates)}. Sites that share "
+                "an address must have priors of the same support and size: map this site to "
+                "another address (e.g. include the size in the address)."
+            )
 
     def proposal(self, features: torch.Tensor, prior):
         """The proposal distribution, batch shape broadcast with the prior's."""

@@ -33,6 +33,16 @@ values :math:`x = \{\text{site name}: x_\text{site}\}`. Every amortized autoguid
 4. **Concatenation.** The per-site embeddings are concatenated, in sorted site-name order, into
    the context vector ``batch + (out_features,)``; batch dims broadcast between sites.
 
+**Observations of varying shape** (sentences of varying length, a random number of points):
+the default networks are built for one per-datapoint shape, and a value of another shape is a
+ValueError (:func:`check_observation_shape`). With a user's ``embedding_net`` and
+``variable_shape=True`` the shapes may vary between runs: no shape check, no standardization
+(statistics over values of different shapes have no elementwise meaning, and integer codes
+such as word indices must not be shifted and scaled), and the values reach ``embedding_net``
+exactly as observed (same dtype, e.g. ``long`` word indices), the only site's value or the
+dict ``{site name: value}``; the net does any normalization itself and returns
+``batch + (features,)`` (``out_features`` is read from its first output). A site absent from
+a run is given as zeros of the shape and dtype it had when first seen.
 The convention's public pieces are :func:`datapoints`, :func:`default_embedding_net`,
 :class:`Standardize` and :class:`ObservationEmbedding`; their signatures are stable.
 """
@@ -237,8 +247,10 @@ def check_observation_shape(name: str, shape: Sequence[int], expected: Sequence[
             f"observed site {name!r} has shape {shape}, but the embedding of the observations "
             f"was built for values of shape batch + {expected}. An observation whose shape "
             "changes between runs (a sentence of varying length, a variable number of points) "
-            "cannot be embedded by its shape: give the model a fixed-shape observation (e.g. pad "
-            "to a maximum length and observe the length too), or write the guide by hand."
+            "cannot be embedded by its shape: pass an embedding_net that reads such values "
+            "(e.g. a recurrent network over a sequence) together with variable_shape=True, or "
+            "give the model a fixed-shape observation (pad to a maximum length and observe the "
+            "length too)."
         )
 
 
@@ -247,16 +259,26 @@ class ObservationEmbedding(nn.Module):
     Standardize and embed the observed values ``{site name: batch + shape}`` into a context
     ``batch + (out_features,)`` (see the module docstring).
 
-    :param shapes: ``{site name: per-datapoint shape}`` of every observed site the guide reads.
+    :param shapes: ``{site name: per-datapoint shape}`` of every observed site the guide reads
+        (with ``variable_shape``: the shape first seen, used only for absent sites).
     :param embedding_net: optional module replacing the default per-site networks; it receives
         the standardized tensor of the only site, or ``{site name: tensor}`` for several.
-    :ivar int out_features: size of the context vector.
+    :param bool variable_shape: the observations' shapes may vary between runs (needs
+        ``embedding_net``): no shape check and no standardization, the values reach
+        ``embedding_net`` as observed.
+    :param dtypes: with ``variable_shape``, ``{site name: dtype}`` of the zeros given for a site
+        absent from a run (default: the default dtype).
+    :ivar int out_features: size of the context vector (with ``variable_shape``: None until the
+        first call).
     """
 
     def __init__(
         self,
         shapes: Mapping[str, Sequence[int]],
         embedding_net: nn.Module | None = None,
+        *,
+        variable_shape: bool = False,
+        dtypes: Mapping[str, torch.dtype] | None = None,
     ):
         super().__init__()
         if not shapes:
@@ -264,10 +286,22 @@ class ObservationEmbedding(nn.Module):
                 "an amortized guide needs at least one observed site to condition on; the model "
                 "has none (observe the data with pyro.sample(..., obs=x))"
             )
+        if variable_shape and embedding_net is None:
+            raise ValueError(
+                "variable_shape=True needs an embedding_net that reads observations of varying "
+                "shape (e.g. a recurrent network over a sequence): the default networks are "
+                "built for one fixed shape"
+            )
         self.names = sorted(shapes)
         self.shapes = {name: tuple(int(s) for s in shapes[name]) for name in self.names}
-        self.standardizers = nn.ModuleDict({n: Standardize(self.shapes[n]) for n in self.names})
+        self.variable_shape = bool(variable_shape)
+        self.dtypes = dict(dtypes or {})
         self.embedding_net = embedding_net
+        self.out_features: int | None = None
+        if self.variable_shape:  # no standardization: values reach the user's net as observed
+            self.standardizers = nn.ModuleDict()
+            return
+        self.standardizers = nn.ModuleDict({n: Standardize(self.shapes[n]) for n in self.names})
         if embedding_net is None:
             nets = {n: default_embedding_net(self.shapes[n]) for n in self.names}
             self.nets = nn.ModuleDict(nets)
@@ -282,7 +316,10 @@ class ObservationEmbedding(nn.Module):
         self.out_features = int(out.shape[-1])
 
     def _embed(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        x = {n: self.standardizers[n](values[n]) for n in self.names}
+        if self.variable_shape:
+            x = {n: values[n] for n in self.names}
+        else:
+            x = {n: self.standardizers[n](values[n]) for n in self.names}
         if self.embedding_net is not None:
             return self.embedding_net(x[self.names[0]] if len(x) == 1 else x)
         parts = [self.nets[n](x[n]) for n in self.names]
@@ -290,6 +327,11 @@ class ObservationEmbedding(nn.Module):
             return parts[0]
         batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
         return torch.cat([p.expand(batch + p.shape[-1:]) for p in parts], dim=-1)
+
+    def absent(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The value given for a site absent from a run: zeros of its first-seen shape."""
+        dtype = self.dtypes.get(name, like.dtype) if self.variable_shape else like.dtype
+        return torch.zeros(self.shapes[name], dtype=dtype, device=like.device)
 
     def forward(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """
@@ -302,9 +344,19 @@ class ObservationEmbedding(nn.Module):
                 f"observed site(s) {missing} missing from the observations given to the "
                 f"embedding (it reads {self.names})"
             )
-        for name in self.names:
-            check_observation_shape(name, values[name].shape, self.shapes[name])
-        return self._embed(values)
+        if not self.variable_shape:
+            for name in self.names:
+                check_observation_shape(name, values[name].shape, self.shapes[name])
+            return self._embed(values)
+        out = self._embed(values)
+        if out.dim() < 1 or (self.out_features is not None and out.shape[-1] != self.out_features):
+            raise ValueError(
+                "embedding_net must return batch + (features,) with the same number of features "
+                f"for every input; it returned shape {tuple(out.shape)}"
+                + (f" after {self.out_features} features" if self.out_features else "")
+            )
+        self.out_features = int(out.shape[-1])
+        return out
 
     def standardize_from(self, values: Mapping[str, torch.Tensor]) -> None:
         """
@@ -313,6 +365,11 @@ class ObservationEmbedding(nn.Module):
 
         :param values: simulated observed values per site.
         """
+        if self.variable_shape:
+            raise ValueError(
+                "observations of variable shape are not standardized: normalize them inside "
+                "embedding_net (and use num_standardize=0)"
+            )
         for name, value in values.items():
             if name in self.standardizers:
                 self.standardizers[name].standardize_from(value)

@@ -45,6 +45,17 @@ element, the values of the observed sites in exactly the same (unsubsampled) pla
 so that local latents are amortized per datapoint (``local_observations=False``: the same
 proposal for every element, which is still a valid proposal with the prior's support, but one
 fitted by the sleep phase to the plate-average of the elements' posteriors).
+
+**Addresses.** By default every site name is its own address. ``address=`` maps a site name to
+the address whose head, :math:`\alpha_a` and :math:`v_a` it uses, so that sites met in a loop
+or a recursion (``f"loc_{i}"``, a grammar's tree paths ``t0/S/0NP/1PP``) share one proposal,
+as PyProb's addresses (code location and distribution) do. Sites of one address must agree on
+the proposal family, the event shape and the number of categories (or the unconstrained shape)
+of their priors, and lie in the same model plates; a disagreement is a ValueError.
+
+**Observations of varying shape** (sentences of varying length): ``variable_shape=True`` with a
+user's ``embedding_net``, the convention of :mod:`pyro_rws.autoguides.embedding` (no shape
+check, no standardization, the values reach the net as observed).
 """
 
 from __future__ import annotations
@@ -106,7 +117,7 @@ class _Run(Messenger):
         self.h = zeros(batch + (guide.hidden_dim,))
         self.c = zeros(batch + (guide.hidden_dim,))
         self.prev = zeros(batch + (guide.value_dim,))
-        self.priors = {}
+        self.priors = {}  # site name -> (prior, head), between process and postprocess
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample" or site_is_subsample(msg):
@@ -130,7 +141,7 @@ class _Run(Messenger):
         if head.local:
             features = self._with_local(features, head, prior)
         msg["fn"] = head.proposal(features, prior)
-        self.priors[name] = prior
+        self.priors[name] = (prior, head)
         infer = msg["infer"] or {}
         if "enumerate" in infer:  # the guide samples every latent it proposes
             msg["infer"] = {k: v for k, v in infer.items() if k != "enumerate"}
@@ -158,12 +169,29 @@ class _Run(Messenger):
         return torch.cat(parts, -1)
 
     def _postprocess_message(self, msg) -> None:
-        prior = self.priors.pop(msg["name"], None) if msg["type"] == "sample" else None
-        if prior is None:  # not a latent site of the model (its value may be conditioned)
+        entry = self.priors.pop(msg["name"], None) if msg["type"] == "sample" else None
+        if entry is None:  # not a latent site of the model (its value may be conditioned)
             return
-        head = self.guide.heads[_key(msg["name"])]
+        prior, head = entry
         emb = head.embed_value(msg["value"], prior, self.embedding.dtype)
         self.prev = _reduce_to(emb, self.embedding.shape[:-1])
+
+
+def _leaves(obj) -> list:
+    """The leaves of nested lists, tuples and dicts of arguments (tensors, numbers, ...)."""
+    if isinstance(obj, (list, tuple)):
+        return [leaf for item in obj for leaf in _leaves(item)]
+    if isinstance(obj, dict):
+        return [leaf for key in obj for leaf in (key, *_leaves(obj[key]))]
+    return [obj]
+
+
+def _same(a, b) -> bool:
+    """Equal non-tensor arguments (the cache of the observations is kept only for these)."""
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # an argument without a plain equality: no cache
+        return False
 
 
 def _reduce_to(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
@@ -212,6 +240,12 @@ class AutoAmortizedProposal(nn.Module):
     :param embedding_net: the embedding of the observations, as in
         :class:`~pyro_rws.autoguides.embedding.ObservationEmbedding` (which standardizes and
         embeds them, one datapoint per run; by default a network chosen from their shapes).
+    :param bool variable_shape: the observed values may change shape between runs (sentences
+        of varying length); needs ``embedding_net``, which then receives them as observed, with
+        no shape check and no standardization.
+    :param callable address: ``site name -> address``: sites mapped to one address share its
+        head, address embedding and value embedding (default: every site its own address);
+        e.g. ``lambda name: name.rstrip("0123456789")`` shares ``loc_0, loc_1, ...``.
     :param int hidden_dim: size of the LSTM state.
     :param int address_dim: size of the address embeddings.
     :param int value_dim: size of the value embeddings.
@@ -227,7 +261,8 @@ class AutoAmortizedProposal(nn.Module):
         model).
     :param int num_standardize: on the first call, the observations are standardized by the
         mean and std of this many simulations from the model (0: not standardized;
-        :meth:`prepare` sets them from its own simulations).
+        :meth:`prepare` sets them from its own simulations). Default 100, and 0 with
+        ``variable_shape`` (where a positive value is an error).
     :param bool local_observations: feed the head of a latent inside model plates, per plate
         element, the values of the observed sites in exactly the same plates (so that a local
         latent :math:`z_i` is proposed from its own :math:`x_i`); False: one proposal for every
@@ -251,13 +286,30 @@ class AutoAmortizedProposal(nn.Module):
         num_components: int = 1,
         continuous: str = "normal",
         observations_from: Callable | None = None,
-        num_standardize: int = 100,
+        num_standardize: int | None = None,
         local_observations: bool = True,
+        variable_shape: bool = False,
+        address: Callable[[str], str] | None = None,
         name: str = "AutoAmortizedProposal",
     ):
         super().__init__()
         self._model = (model,)  # a tuple: a model module is not a submodule of the guide
         self.embedding_net = embedding_net
+        self.variable_shape = bool(variable_shape)
+        if self.variable_shape and embedding_net is None:
+            raise ValueError(
+                "variable_shape=True needs an embedding_net that reads observations of varying "
+                "shape (e.g. a recurrent network over a sequence): the default networks are "
+                "built for one fixed shape"
+            )
+        if num_standardize is None:
+            num_standardize = 0 if self.variable_shape else 100
+        if self.variable_shape and num_standardize > 0:
+            raise ValueError(
+                "observations of variable shape are not standardized: use num_standardize=0 "
+                "and normalize them inside embedding_net"
+            )
+        self.address = address
         self.hidden_dim, self.address_dim = int(hidden_dim), int(address_dim)
         self.value_dim, self.num_components = int(value_dim), int(num_components)
         if continuous not in ("normal", "flow"):
@@ -275,6 +327,7 @@ class AutoAmortizedProposal(nn.Module):
         self.observed: dict[str, tuple[int, int, tuple]] = {}
         #: observed site -> (its plates, event dim, values per element), for local proposals
         self.observed_plates: dict[str, tuple[frozenset, int, int]] = {}
+        self._observed_dtypes: dict[str, torch.dtype] = {}
         self.on_new_address: Callable | None = None
         self._prepared = False
         self._cache = None
@@ -286,7 +339,7 @@ class AutoAmortizedProposal(nn.Module):
 
     @property
     def addresses(self) -> list[str]:
-        """The latent sites met so far, each with its own head."""
+        """The addresses met so far (by default the latent sites' names), each with its head."""
         return [k[len("site_") :].replace("\u2024", ".") for k in self.heads]
 
     def forward(self, *args, observations: dict | None = None, **kwargs) -> None:
@@ -329,10 +382,11 @@ class AutoAmortizedProposal(nn.Module):
     # ----------------------------------------------------------------------------------------
     def _read_observations(self, args, kwargs, uncondition: bool = False) -> dict:
         """The observed values, from a run of the model hidden from every other handler."""
-        tensors = [(a, a._version) for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+        tensors = [(a, a._version if torch.is_tensor(a) else None) for a in _leaves((args, kwargs))]
         if not uncondition and self._cache is not None and len(self._cache[0]) == len(tensors):
             if all(
-                a is b and v == w for (a, v), (b, w) in zip(self._cache[0], tensors, strict=True)
+                (a is b or (v is None and w is None and _same(a, b))) and v == w
+                for (a, v), (b, w) in zip(self._cache[0], tensors, strict=True)
             ):
                 return self._cache[1]
         model = poutine.uncondition(self.model) if uncondition else self.model
@@ -347,6 +401,7 @@ class AutoAmortizedProposal(nn.Module):
                         value = torch.as_tensor(site["value"])
                         observed[name] = value
                         if name not in self.observed:
+                            self._observed_dtypes[name] = value.dtype
                             event_dim = site["fn"].event_dim
                             batch_dim = max(value.dim() - event_dim, 0)
                             shape = datapoints(
@@ -371,23 +426,42 @@ class AutoAmortizedProposal(nn.Module):
         per run), broadcast to the runs of this call.
         """
         batch, _ = _outer_batch()
-        if self.embedding is None:
+        ref = self._ref
+        if self.lstm is None and self.embedding is None and self.observed:
             shapes = {name: spec[2] for name, spec in self.observed.items()}
-            self.embedding = ObservationEmbedding(shapes, self.embedding_net) if shapes else None
-            features = 0 if self.embedding is None else self.embedding.out_features
-            self.lstm = nn.LSTMCell(features + self.address_dim + self.value_dim, self.hidden_dim)
-            self.to(device=self._ref.device, dtype=self._ref.dtype)
-            if self.embedding is not None and self.num_standardize > 0:
+            self.embedding = ObservationEmbedding(
+                shapes,
+                self.embedding_net,
+                variable_shape=self.variable_shape,
+                dtypes=self._observed_dtypes,
+            )
+            self.to(device=ref.device, dtype=ref.dtype)
+            if self.num_standardize > 0:
                 with torch.random.fork_rng(devices=_cuda_devices()):
                     self._standardize(self._simulate(args, kwargs, self.num_standardize))
-        ref = self._ref
         if self.embedding is None:
-            return ref.new_zeros(tuple(batch) + (0,))
-        values = {}
+            context = ref.new_zeros(tuple(batch) + (0,))
+        else:
+            context = self.embedding(self._lay_out(observations))
+            lead = context.shape[:-1]
+            if len(lead) > len(batch):
+                context = context.reshape(lead[len(lead) - len(batch) :] + context.shape[-1:])
+            context = context.expand(tuple(batch) + context.shape[-1:])
+        if self.lstm is None:  # created once the context's size is known
+            inputs = context.shape[-1] + self.address_dim + self.value_dim
+            self.lstm = nn.LSTMCell(inputs, self.hidden_dim).to(device=ref.device, dtype=ref.dtype)
+        return context
+
+    def _lay_out(self, observations: dict) -> dict:
+        """``{site: one datapoint per run}`` for the embedding (zeros for a site not met)."""
+        ref, values = self._ref, {}
         for name, (batch_dim, event_dim, shape) in self.observed.items():
             value = observations.get(name)
             if value is None:  # not met in this run: zeros
-                values[name] = ref.new_zeros(shape)
+                values[name] = self.embedding.absent(name, ref)
+                continue
+            if self.variable_shape:  # as observed: any shape, its own dtype (word indices)
+                values[name] = torch.as_tensor(value).to(device=ref.device)
                 continue
             value = torch.as_tensor(value).to(device=ref.device, dtype=ref.dtype)
             try:
@@ -398,17 +472,17 @@ class AutoAmortizedProposal(nn.Module):
                 raise ValueError(
                     f"observed site '{name}' had shape {shape} per run when first seen, but a "
                     f"value of shape {tuple(value.shape)} now. AutoAmortizedProposal needs the "
-                    "same observed sites and shapes in every run."
+                    "same observed sites and shapes in every run, or an embedding_net that "
+                    "reads values of varying shape with variable_shape=True."
                 ) from e
-        context = self.embedding(values)
-        lead = context.shape[:-1]
-        if len(lead) > len(batch):
-            context = context.reshape(lead[len(lead) - len(batch) :] + context.shape[-1:])
-        return context.expand(tuple(batch) + context.shape[-1:])
+        return values
 
     def _head(self, name: str, prior, embedding: torch.Tensor, plates=frozenset()) -> _Head:
-        key = _key(name)
+        address = name if self.address is None else self.address(name)
+        key = _key(address)
         head = self.heads[key] if key in self.heads else None
+        if head is not None:
+            head.check(name, address, prior, plates)
         if head is None:
             fn = _unwrap(prior)
             local = ()
@@ -426,7 +500,7 @@ class AutoAmortizedProposal(nn.Module):
                 self.num_components,
                 self.continuous == "flow",
             ).to(device=embedding.device, dtype=embedding.dtype)
-            head.local = local
+            head.local, head.plates = local, plates
             self.heads[key] = head
             if head.kind == "prior":
                 warnings.warn(
@@ -437,7 +511,7 @@ class AutoAmortizedProposal(nn.Module):
                     stacklevel=4,
                 )
             if self._prepared:
-                self._new_address(name, list(head.parameters()))
+                self._new_address(address, list(head.parameters()))
         return head
 
     def _new_address(self, name: str, params: list) -> None:
@@ -470,7 +544,7 @@ class AutoAmortizedProposal(nn.Module):
 
     def _standardize(self, runs: list) -> None:
         """Standardize each observed site by the mean and std of its simulated values."""
-        if self.embedding is None:
+        if self.embedding is None or self.variable_shape:  # (not standardized)
             return
         values = {}
         for name, (batch_dim, event_dim, _) in self.observed.items():
@@ -506,8 +580,11 @@ class AutoAmortizedProposal(nn.Module):
         return self
 
     def head_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters of the head of address ``name``."""
-        return list(self.heads[_key(name)].parameters())
+        """The parameters of the head of address ``name`` (or of the address of site ``name``)."""
+        key = _key(name)
+        if key not in self.heads and self.address is not None:
+            key = _key(self.address(name))
+        return list(self.heads[key].parameters())
 
 
 __all__ = ["AutoAmortizedProposal"]

@@ -30,6 +30,18 @@ error: :math:`-\frac1N \sum_n \log q_\phi(z_n | x_n)`, :math:`(z_n, x_n) \sim p_
 plus a constant.
 
 With the same seed the initial parameters equal rrws's (same shapes, created in the same order).
+
+**Without writing a guide** (issue 22): :func:`auto_proposal` builds
+:class:`~pyro_rws.AutoAmortizedProposal` for ``PCFG.model``, with :class:`SentenceEmbedding`
+(rrws's GRU over one-hot words, per sentence, concatenated in sentence order) as its
+``embedding_net`` for the sentences of varying length (``variable_shape=True``, no
+standardization of word indices), and :func:`nonterminal_address` as its ``address`` map, so
+that every visit of a non-terminal in tree ``i`` shares one proposal head (rrws: one MLP per
+non-terminal). :func:`guide_tree_log_prob` scores trees under any guide (hand-written or
+automatic) by conditioning it on their productions, and :func:`batch_inference_error` is the
+inference error computed with it on batches of sentences, the batches the guide sees in
+training (for a guide that proposes each tree from its own sentence, as ``PCFGGuide``, it equals
+:func:`inference_error` on the same draws).
 """
 
 from __future__ import annotations
@@ -41,8 +53,10 @@ from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from pyro.distributions import constraints
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .. import RWS, VIMCO, WakeSleepELBO
@@ -325,6 +339,107 @@ class PCFGGuide(nn.Module):
         scorer = _Scorer(choices(tree, f"t/{self.grammar.start_symbol}", self.grammar))
         self.expand("t", sentence, scorer)
         return torch.as_tensor(scorer.log_prob)
+
+
+# --------------------------------------------------------------------------------------------
+# The automatic proposal on the PCFG (issue 22)
+# --------------------------------------------------------------------------------------------
+class SentenceEmbedding(nn.Module):
+    """
+    The ``embedding_net`` of :func:`auto_proposal`: rrws's sentence embedding (a GRU over one-hot
+    words, zeros for an unknown word, its last output) of each sentence, concatenated in the
+    order of the sentence index: ``{"x0": words, "x1": words, ...}`` (or one tensor) of word
+    indices of any length to ``(num_sentences * obs_dim,)``.
+    """
+
+    def __init__(self, grammar: Grammar, obs_dim: int = 100):
+        super().__init__()
+        self.num_words = len(grammar.terminals)
+        self.gru = nn.GRU(input_size=self.num_words, hidden_size=obs_dim, num_layers=1)
+
+    def embed(self, sentence: torch.Tensor) -> torch.Tensor:
+        like = self.gru.weight_ih_l0
+        words = torch.nn.functional.one_hot(sentence.long().clamp(min=0), self.num_words)
+        words = words.to(like.dtype) * (sentence >= 0).unsqueeze(-1).to(like.dtype)
+        if words.shape[0] == 0:  # an empty sentence: the GRU's initial state
+            return like.new_zeros(self.gru.hidden_size)
+        output, _ = self.gru(words.unsqueeze(1))
+        return output[-1, 0]
+
+    def forward(self, sentences) -> torch.Tensor:
+        if torch.is_tensor(sentences):
+            return self.embed(sentences)
+        order = sorted(sentences, key=lambda name: int(name[1:]))
+        return torch.cat([self.embed(sentences[name]) for name in order])
+
+
+def nonterminal_address(name: str) -> str:
+    """``"t{i}/S/0NP/1PP"`` -> ``"t{i}/PP"``: one address per tree and non-terminal."""
+    tree, _, path = name.partition("/")
+    return f"{tree}/{path.rsplit('/', 1)[-1].lstrip('0123456789')}"
+
+
+def auto_proposal(model: PCFG, obs_dim: int = 100, **kwargs):
+    """
+    :class:`~pyro_rws.AutoAmortizedProposal` of ``model.model`` with :class:`SentenceEmbedding`,
+    ``variable_shape=True`` and the address map :func:`nonterminal_address` (keyword arguments
+    go to the guide: ``hidden_dim``, ``address``, ...).
+    """
+    from ..autoguides.proposal import AutoAmortizedProposal
+
+    options = {
+        "embedding_net": SentenceEmbedding(model.grammar, obs_dim),
+        "variable_shape": True,
+        "address": nonterminal_address,
+        "observations_from": lambda sentences: {f"x{i}": s for i, s in enumerate(sentences)},
+    }
+    return AutoAmortizedProposal(model.model, **(options | kwargs))
+
+
+def guide_tree_log_prob(
+    guide: Callable, grammar: Grammar, trees: list, sentences: list[torch.Tensor]
+) -> torch.Tensor:
+    """
+    ``log q(trees | sentences)`` of a Pyro guide called as ``guide(sentences)`` with sites at the
+    model's names: the guide run under ``poutine.condition`` on the trees' productions
+    (:func:`choices`), the log-probabilities of its sample sites summed. Raises a ValueError if
+    the guide's sites are not exactly the trees' choices.
+    """
+    given = {}
+    for i, tree in enumerate(trees):
+        for name, index in choices(tree, f"t{i}/{grammar.start_symbol}", grammar).items():
+            given[name] = torch.tensor(index)
+    trace = poutine.trace(poutine.condition(guide, data=given)).get_trace(sentences)
+    sites = {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
+    if set(sites) != set(given):
+        raise ValueError(
+            f"the guide's sample sites {sorted(set(sites) ^ set(given))} differ from the trees' "
+            "choices: it does not follow the model's control flow"
+        )
+    return sum(site["fn"].log_prob(site["value"]).sum() for site in sites.values())
+
+
+@torch.no_grad()
+def batch_inference_error(
+    guide: Callable, true_model: PCFG, data: list | int = 100, batch_size: int = 2
+) -> float:
+    """
+    ``-(1/N) sum_n log q(z_n | x_n)`` as :func:`inference_error`, with ``q`` scored by
+    :func:`guide_tree_log_prob` on batches of ``batch_size`` draws; ``data``: the draws
+    ``[(tree, sentence), ...]`` (fixed, to compare guides on the same ones) or their number.
+    """
+    if isinstance(data, int):
+        data = [true_model.sample() for _ in range(data)]
+    total = 0.0
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        trees, sentences = [t for t, _ in batch], [s for _, s in batch]
+        total += float(guide_tree_log_prob(guide, true_model.grammar, trees, sentences))
+    return -total / len(data)
 
 
 # --------------------------------------------------------------------------------------------
