@@ -461,7 +461,7 @@ def part_pyprob_simulator(args):
     signals = test_set()
     pyprob.util.seed(2)
     ess, tv_is, tv_draws = [], [], []
-    for signal in signals[:20]:
+    for signal in signals[: args.eval_obs]:
         post = model.posterior(
             num_traces=100,
             inference_engine=InferenceEngine.IMPORTANCE_SAMPLING_WITH_INFERENCE_NETWORK,
@@ -483,6 +483,10 @@ def part_pyprob_simulator(args):
         "ess": sum(ess) / len(ess),
         "tv_q_n_from_100_draws": sum(tv_draws) / len(tv_draws),
         "cpu_seconds": seconds,
+        "eval_obs": len(tv_is),
+        "tv_is_n_per_obs": tv_is,
+        "ess_per_obs": ess,
+        "tv_q_n_from_100_draws_per_obs": tv_draws,
     }
     print(out, flush=True)
     return out
