@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from coins import EMIT, coin_traces, coins
 from pyro.infer import SVI
 from torch.distributions import constraints
 
@@ -25,32 +26,6 @@ from pyro_rws import RWS, SleepPhaseLoss, importance_posterior, log_evidence
 from pyro_rws.autoguides.proposal import AutoAmortizedProposal
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-# A model with stochastic control flow: k coins (k ~ Categorical), x a noisy count of heads.
-PRIOR_K = (0.5, 0.3, 0.2)
-EMIT = ((0.8, 0.15, 0.05), (0.15, 0.7, 0.15), (0.05, 0.15, 0.8))  # p(x | heads)
-
-
-def coins(x):
-    k = pyro.sample("k", dist.Categorical(torch.tensor(PRIOR_K)))
-    heads = 0
-    for i in range(int(k)):
-        heads = heads + int(pyro.sample(f"c_{i}", dist.Bernoulli(torch.tensor(0.6))))
-    pyro.sample("x", dist.Categorical(torch.tensor(EMIT[heads])), obs=x)
-
-
-def coin_traces():
-    """Every latent configuration ``{site: value}`` of ``coins`` and its prior probability."""
-    out = []
-    for k in range(3):
-        for flips in range(2**k):
-            bits = [(flips >> i) & 1 for i in range(k)]
-            values = {"k": torch.tensor(k)} | {
-                f"c_{i}": torch.tensor(float(b)) for i, b in enumerate(bits)
-            }
-            prior = PRIOR_K[k] * math.prod(0.6 if b else 0.4 for b in bits)
-            out.append((values, prior, sum(bits)))
-    return out
 
 
 def log_q(guide, values, x):

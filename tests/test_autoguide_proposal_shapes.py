@@ -15,6 +15,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from coins import coin_traces, coins
 from pyro.infer import SVI
 from torch import nn
 
@@ -135,30 +136,8 @@ def test_default_net_names_the_option():
 # ------------------------------------------------------------------------------------------
 # Shared addresses
 # ------------------------------------------------------------------------------------------
-PRIOR_K = (0.5, 0.3, 0.2)
-EMIT = ((0.8, 0.15, 0.05), (0.15, 0.7, 0.15), (0.05, 0.15, 0.8))
-
-
-def coins(x):
-    k = pyro.sample("k", dist.Categorical(torch.tensor(PRIOR_K)))
-    heads = 0
-    for i in range(int(k)):
-        heads = heads + int(pyro.sample(f"c_{i}", dist.Bernoulli(torch.tensor(0.6))))
-    pyro.sample("x", dist.Categorical(torch.tensor(EMIT[heads])), obs=x)
-
-
 def loop_address(name: str) -> str:
     return name.rstrip("0123456789")
-
-
-def coin_configurations():
-    out = []
-    for k in range(3):
-        for flips in range(2**k):
-            values = {"k": torch.tensor(k)}
-            values |= {f"c_{i}": torch.tensor(float((flips >> i) & 1)) for i in range(k)}
-            out.append(values)
-    return out
 
 
 def test_shared_address_one_head_and_exact_q():
@@ -168,9 +147,7 @@ def test_shared_address_one_head_and_exact_q():
     assert guide.head_parameters("c_1") == guide.head_parameters("c_")
     for x in range(3):
         with torch.no_grad():
-            total = sum(
-                log_q(guide, v, torch.tensor(float(x))).exp() for v in coin_configurations()
-            )
+            total = sum(log_q(guide, v, torch.tensor(float(x))).exp() for v, _, _ in coin_traces())
         assert abs(float(total) - 1.0) < 1e-12
 
 
