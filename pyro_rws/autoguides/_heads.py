@@ -30,6 +30,16 @@ def _unwrap(fn):
     return fn
 
 
+def head_prior(prior):
+    """
+    The distribution a head is built for: the prior under plate expansion and masking, or the
+    prior itself where unwrapping would change its event shape (a ``to_event`` of an expanded
+    distribution).
+    """
+    fn = _unwrap(prior)
+    return prior if fn.event_shape != prior.event_shape else fn
+
+
 def _base_support(support):
     while isinstance(support, constraints.independent):
         support = support.base_constraint
@@ -113,7 +123,7 @@ class _Head(nn.Module):
     def check(self, name: str, address: str, prior, plates: frozenset) -> None:
         """Sites of one address need the same proposal family, shapes and model plates."""
         fn = _unwrap(prior)
-        found = signature(prior if fn.event_shape != prior.event_shape else fn)
+        found = signature(head_prior(prior))
         if found != self.signature or plates != self.plates:
             raise ValueError(
                 f"site '{name}' is mapped to the address '{address}', whose proposal was built "

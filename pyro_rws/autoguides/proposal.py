@@ -76,7 +76,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from .._traces import _cuda_devices
-from ._heads import _broadcast, _Head, _key, _unwrap
+from ._heads import _broadcast, _Head, _key, _unwrap, head_prior
 from .embedding import ObservationEmbedding, check_observation_shape, datapoints
 
 
@@ -493,7 +493,7 @@ class AutoAmortizedProposal(nn.Module):
                     if obs_plates == plates
                 )
             head = _Head(
-                prior if fn.event_shape != prior.event_shape else fn,
+                head_prior(prior),
                 self.hidden_dim + embedding.shape[-1] + sum(w for _, _, w in local),
                 self.address_dim,
                 self.value_dim,

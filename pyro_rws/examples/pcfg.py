@@ -267,6 +267,16 @@ class PCFG(nn.Module):
         return {k: v.softmax(-1) for k, v in self.production_logits.items()}
 
 
+def embed_sentence(gru: nn.GRU, sentence: torch.Tensor, num_words: int) -> torch.Tensor:
+    """rrws's sentence embedding: the last output of ``gru`` over the one-hot words (zeros for
+    an unknown word, index < 0)."""
+    like = gru.weight_ih_l0
+    words = torch.nn.functional.one_hot(sentence.clamp(min=0), num_words)
+    words = words.to(like.dtype) * (sentence >= 0).unsqueeze(-1).to(like.dtype)
+    output, _ = gru(words.unsqueeze(1))
+    return output[-1, 0]
+
+
 class PCFGGuide(nn.Module):
     """
     rrws's ``InferenceNetwork`` as a Pyro guide; ``guide(sentences, observations=None)`` draws a
@@ -301,11 +311,7 @@ class PCFGGuide(nn.Module):
         return out
 
     def embed(self, sentence: torch.Tensor) -> torch.Tensor:
-        like = self.cell.weight_ih
-        words = torch.nn.functional.one_hot(sentence.clamp(min=0), len(self.grammar.terminals))
-        words = words.to(like.dtype) * (sentence >= 0).unsqueeze(-1).to(like.dtype)
-        output, _ = self.sentence_embedder(words.unsqueeze(1))
-        return output[-1, 0]
+        return embed_sentence(self.sentence_embedder, sentence, len(self.grammar.terminals))
 
     def expand(self, name: str, sentence: torch.Tensor, choose: Callable = sample_choice) -> Tree:
         embedding = self.embed(sentence)
@@ -358,13 +364,9 @@ class SentenceEmbedding(nn.Module):
         self.gru = nn.GRU(input_size=self.num_words, hidden_size=obs_dim, num_layers=1)
 
     def embed(self, sentence: torch.Tensor) -> torch.Tensor:
-        like = self.gru.weight_ih_l0
-        words = torch.nn.functional.one_hot(sentence.long().clamp(min=0), self.num_words)
-        words = words.to(like.dtype) * (sentence >= 0).unsqueeze(-1).to(like.dtype)
-        if words.shape[0] == 0:  # an empty sentence: the GRU's initial state
-            return like.new_zeros(self.gru.hidden_size)
-        output, _ = self.gru(words.unsqueeze(1))
-        return output[-1, 0]
+        if sentence.shape[0] == 0:  # an empty sentence: the GRU's initial state
+            return self.gru.weight_ih_l0.new_zeros(self.gru.hidden_size)
+        return embed_sentence(self.gru, sentence.long(), self.num_words)
 
     def forward(self, sentences) -> torch.Tensor:
         if torch.is_tensor(sentences):
