@@ -34,9 +34,10 @@ from pyro.distributions import ImproperUniform, constraints
 from pyro.poutine.runtime import _PYRO_STACK
 
 from ._args import check_count
+from ._simulate import _bar
 from ._sleep import SleepState, sleep_log_q, sleep_traces
 from ._structure import PARTICLE_PLATE
-from .simulation import Simulations, _bar
+from .simulation import Simulations
 
 
 def _in_particle_plate() -> bool:

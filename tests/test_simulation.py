@@ -21,8 +21,8 @@ from conjugate import data, fixed_model, guide
 from discrete import FixFantasies
 
 from pyro_rws import Simulations, SleepPhaseLoss, fit_guide, importance_posterior, simulate
+from pyro_rws._simulate import _derived_seed
 from pyro_rws.fitting import sleep_loss
-from pyro_rws.simulation import _derived_seed
 
 pytestmark = pytest.mark.usefixtures("float64")
 #: sbibm's slcp transposes a 1-d tensor when it simulates one run (torch deprecates x.T there)
