@@ -32,6 +32,10 @@ PRIORS = {
     "lognormal": lambda: dist.LogNormal(0.0, 1.0),
     "beta": lambda: dist.Beta(2.0, 3.0),
     "uniform-box": lambda: dist.Uniform(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])).to_event(1),
+    # supports whose unconstrained space has another shape than the site (D - 1 coordinates
+    # for a simplex of D, d(d-1)/2 for a d x d correlation Cholesky factor)
+    "dirichlet": lambda: dist.Dirichlet(torch.tensor([1.0, 2.0, 3.0])),
+    "lkj-cholesky": lambda: dist.LKJCholesky(3, 2.0),
 }
 
 
@@ -46,6 +50,26 @@ def test_samples_inside_support(name):
     theta = guide(observations={"x": x})["theta"]
     assert theta.shape == (4000,) + prior.event_shape
     assert bool(prior.support.check(theta).all())
+
+
+def test_simplex_density_normalized_and_trainable():
+    # the flow of a simplex site runs in the D - 1 unconstrained coordinates, mapped onto the
+    # simplex by stick-breaking: E_p[q(theta) / p(theta)] = 1 under the flat Dirichlet p
+    model = simulator(dist.Dirichlet(torch.ones(3)))
+    guide = AutoAmortizedFlow(model, num_transforms=2, hidden_dims=[8])
+    xo = {"x": torch.tensor([0.3])}
+    guide(observations=xo)
+    assert guide.flow("theta").dim == 2
+    with torch.no_grad():
+        q = guide._site_distribution("theta", guide._context(xo, {}))
+        theta = dist.Dirichlet(torch.ones(3)).sample((200000,))
+        ratio = (q.log_prob(theta) - dist.Dirichlet(torch.ones(3)).log_prob(theta)).exp()
+    se = float(ratio.std()) / math.sqrt(ratio.numel())
+    assert float(ratio.mean()) == pytest.approx(1.0, abs=5 * se)
+    loss = SleepPhaseLoss(num_particles=8).differentiable_loss(model, guide, xo["x"])
+    loss.backward()
+    grads = [p.grad for p in guide.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def _inverse(transforms, y):

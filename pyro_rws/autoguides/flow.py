@@ -20,7 +20,10 @@ conditional flow, :math:`(\mu_k, \sigma_k)` the standardization of the unconstra
 (a box prior) :math:`T_k` is the identity but for thin bands at the bounds
 (:class:`~pyro_rws.autoguides.support.SoftEdgeTransform`), so the flow learns in the
 parameter's own space as ``sbi``'s does; for other supports it is
-:math:`\texttt{biject\_to}(\text{support}_k)`, as in Pyro's autoguides. Each site is a
+:math:`\texttt{biject\_to}(\text{support}_k)`, as in Pyro's autoguides, and the flow runs in
+that bijection's unconstrained space, whose shape may differ from the site's (the :math:`D - 1`
+coordinates of a simplex of :math:`D` entries, stick-breaking onto it; the :math:`d(d-1)/2` of a
+:math:`d \times d` correlation Cholesky factor). Each site is a
 :class:`~pyro.distributions.TransformedDistribution`, so its ``log_prob`` at a given value is
 the change of variables
 
@@ -316,12 +319,15 @@ class AutoAmortizedFlow(AutoGuide):
         flows = []  # site k's flow at position k (site names may clash with attributes)
         context_dim = nets["embedding"].out_features
         for name, site in latents.items():
-            event_shape = site["fn"].event_shape
-            dim = math.prod(event_shape)
-            self._sizes[name] = (dim, event_shape)
-            self._bijections[name] = interval_bijection(
+            bijection = interval_bijection(
                 _static_support(site["fn"], name), self._interval_bijection
             )
+            # the flow lives in the unconstrained space, whose shape may differ from the
+            # site's (a simplex of D entries has D - 1 free coordinates)
+            shape = torch.Size(bijection.inverse_shape(site["fn"].event_shape))
+            dim = math.prod(shape)
+            self._sizes[name] = (dim, shape)
+            self._bijections[name] = bijection
             flows.append(_SiteFlow(dim, context_dim, **self._options))
             context_dim += dim
         first = next(iter(observed))
@@ -443,10 +449,10 @@ class AutoAmortizedFlow(AutoGuide):
         return self._nets["flows"][self._latent_sites.index(name)]
 
     def _site_distribution(self, name: str, context: torch.Tensor) -> dist.TransformedDistribution:
-        dim, event_shape = self._sizes[name]
+        dim, shape = self._sizes[name]  # the unconstrained shape
         transforms = self.flow(name).transforms(context)
-        if tuple(event_shape) != (dim,):
-            transforms.append(ReshapeTransform((dim,), event_shape))
+        if tuple(shape) != (dim,):
+            transforms.append(ReshapeTransform((dim,), shape))
         transforms.append(self._bijections[name])
         base = dist.Normal(context.new_zeros(()), 1.0).expand(context.shape[:-1] + (dim,))
         return dist.TransformedDistribution(base.to_event(1), transforms)
@@ -505,9 +511,9 @@ class AutoAmortizedFlow(AutoGuide):
         return total.sum(tuple(range(-n_c, 0))) if n_c else total
 
     def _extend(self, context: torch.Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
-        dim, event_shape = self._sizes[name]
+        dim, shape = self._sizes[name]
         u = self._bijections[name].inv(value)
-        u = u.reshape(u.shape[: u.dim() - len(event_shape)] + (dim,))
+        u = u.reshape(u.shape[: u.dim() - len(shape)] + (dim,))
         flow = self.flow(name)
         u = (u - flow.loc) / flow.scale
         batch = torch.broadcast_shapes(context.shape[:-1], u.shape[:-1])
@@ -543,7 +549,7 @@ class AutoAmortizedFlow(AutoGuide):
         for name in self._latent_sites:
             if name not in values:
                 continue
-            dim, event_shape = self._sizes[name]
+            dim, _ = self._sizes[name]
             u = self._bijections[name].inv(values[name].to(self.flow(name).loc))
             u = u.reshape(-1, dim)
             if not torch.isfinite(u).all():
