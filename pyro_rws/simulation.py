@@ -114,7 +114,7 @@ def simulate(
         with _bar(n, progress, "simulate", "sim") as bar:
             # one run to learn the structure (seeded like simulation 0 when run alone)
             ((sites, _),) = _run_chunk(replace(job, num_simulations=1, chunk_size=1), 0)
-            _check_sites(sites, observed)
+            _check_sites(sites, observed, job)
             nesting = max_plate_nesting
             if nesting is None:
                 dims = [f.dim for s in sites for f in s.frames if f.vectorized]
@@ -154,7 +154,7 @@ def simulate(
     return _assemble(job, chunks)
 
 
-def _check_sites(sites, observed) -> None:
+def _check_sites(sites, observed, job: _Job) -> None:
     names = {s.name for s in sites}
     unknown = sorted(observed - names)
     if unknown:
@@ -163,11 +163,20 @@ def _check_sites(sites, observed) -> None:
             f"model (its sites: {sorted(names)})"
         )
     if not any(s.observed for s in sites):
+        # Pyro's `def model(x=None): ... obs=x` called without x: the site looks latent
+        unset = sorted(n for n in names if n in job.keywords and job.kwargs.get(n) is None)
+        example = repr(tuple(unset)) if unset else "('data',)"
+        hint = (
+            f" The site(s) {unset} share their name with a keyword argument of the model left "
+            f"unset (obs=None samples them as latents): pass observed={example}."
+            if unset
+            else ""
+        )
         raise ValueError(
             "the model has no observed site: no site has obs= and observed= names none. Name "
-            f"the data sites, e.g. observed=('data',) (the model's sites: {sorted(names)}); a "
+            f"the data sites, e.g. observed={example} (the model's sites: {sorted(names)}); a "
             "simulator that returns its data rather than sampling it can record it with "
-            "pyro.deterministic('data', x, event_dim=...)."
+            "pyro.deterministic('data', x, event_dim=...)." + hint
         )
     for s in sites:
         if any(f.size != (f.full_size or f.size) for f in s.frames):

@@ -256,6 +256,14 @@ def test_observed_sites_must_exist():
     with pytest.raises(ValueError, match="not sample sites"):
         simulate(sbibm_model(gaussian_linear), 3, observed=("x",))
 
+    def model(x=None):  # Pyro's convention, called without data: obs=None samples "x"
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pytest.raises(ValueError, match=r"keyword argument of the model left unset.*\('x',\)"):
+        simulate(model, 3)
+    assert simulate(model, 3, observed=("x",)).observations["x"].shape == (3,)
+
 
 # --------------------------------------------------------------------------------------------
 # sbibm's code as it is written
