@@ -114,6 +114,26 @@ class ImportancePosterior:
     def num_particles(self) -> int:
         return self.log_weights.shape[0]
 
+    def __repr__(self) -> str:
+        sites = list(self.latents) if self.latents is not None else None
+        if sites is None and self.particles:
+            sites = sorted({name for particle in self.particles for name in particle})
+        batch = tuple(self.log_weights.shape[1:])
+        text = f"ImportancePosterior(num_particles={self.num_particles}"
+        text += f", batch_shape={batch}" if batch else ""
+        text += f", sites={sites}" if sites is not None else ""
+        if not self.reweighted:
+            return text + ", reweighted=False)"
+
+        def fmt(t):  # one number, or the range over the batch
+            t = t.detach().reshape(-1)
+            if t.numel() == 1:
+                return f"{float(t):.4g}"
+            return f"{float(t.min()):.4g}..{float(t.max()):.4g}"
+
+        ess, log_z = self.effective_sample_size, self._log_evidence
+        return text + f", ess={fmt(ess)}, log_evidence={fmt(log_z)})"
+
     def _check(self, what: str) -> None:
         if not self.reweighted:
             raise ValueError(

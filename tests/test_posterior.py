@@ -47,6 +47,9 @@ def test_same_particles_as_log_evidence():
     ess = torch.exp(2 * lw.logsumexp(0) - (2 * lw).logsumexp(0))
     assert torch.allclose(post.effective_sample_size, ess)
     assert post.reweighted and post.reason is None and post.num_particles == 250
+    text = repr(post)
+    assert text.startswith("ImportancePosterior(num_particles=250, batch_shape=(4,), sites=['z']")
+    assert f"ess={float(ess.min()):.4g}..{float(ess.max()):.4g}" in text
 
 
 def test_conjugate_global_posterior_and_evidence():
@@ -103,6 +106,8 @@ def test_simulator_without_likelihood_samples_the_guide():
     with pytest.warns(UserWarning, match="cannot reweight"):
         post = importance_posterior(conditioned, guide_only, num_particles=2000)
     assert not post.reweighted and "deterministic" in post.reason
+    expected = "ImportancePosterior(num_particles=2000, sites=['theta'], reweighted=False)"
+    assert repr(post) == expected
     assert torch.equal(post.log_weights, torch.full((2000,), -math.log(2000)))
     with pytest.raises(ValueError, match="has none"):
         _ = post.log_evidence
