@@ -16,7 +16,11 @@ observation:
 - ``pyro_rws+is``: the same guide as the proposal of ``pyro_rws.importance_posterior`` on the
   model with its likelihood (only tasks whose model has one: sbibm's own Pyro model for
   gaussian_linear, gaussian_linear_uniform and slcp, the mixture's marginal likelihood for
-  gaussian_mixture and the exact density of the two-moons simulator, written below).
+  gaussian_mixture and the exact density of the two-moons simulator, written below);
+- ``pyro_rws+wake+is`` (with ``--refine-steps N``): for each observation a copy of the same
+  guide trained further on it by ``pyro_rws.refine_guide`` (N steps of RWS wake-phi, 100
+  particles, lr 1e-4: the likelihood at the guide's proposals, no new simulations), then
+  ``importance_posterior`` with it (tasks with a likelihood).
 
 Also recorded: the wall time of simulation + training, and the time per gradient step
 (training time / steps, validation passes included, for both), plus an interleaved
@@ -189,7 +193,7 @@ def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     return samples, info
 
 
-def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
+def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles, refine_steps=0):
     import pyro
 
     import pyro_rws
@@ -206,7 +210,7 @@ def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
     history = pyro_rws.fit_guide(model, guide, sims, seed=seed, progress=False)
     train_time = time.perf_counter() - t_train
     wall = time.perf_counter() - start
-    sleep, reweighted, ess = {}, {}, {}
+    sleep, reweighted, ess, refined, refined_ess, refine_s = {}, {}, {}, {}, {}, {}
     for i in observations:
         x_o = task.unflatten_data(task.get_observation(i))  # sbibm's data shape, (1, ...)
         with torch.no_grad():
@@ -218,6 +222,17 @@ def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
             )
             reweighted[i] = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
             ess[i] = float(post.effective_sample_size.reshape(-1)[0]) / num_particles
+        if has_likelihood and refine_steps:  # wake-phi on x_o, then importance sampling
+            t = time.perf_counter()
+            guide_o = pyro_rws.refine_guide(
+                model, guide, observations={"data": x_o}, num_steps=refine_steps, progress=False
+            )
+            refine_s[i] = time.perf_counter() - t
+            post = pyro_rws.importance_posterior(
+                model, guide_o, observations={"data": x_o}, num_particles=num_particles
+            )
+            refined[i] = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
+            refined_ess[i] = float(post.effective_sample_size.reshape(-1)[0]) / num_particles
     info = dict(
         wall=wall,
         train=train_time,
@@ -225,6 +240,9 @@ def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles):
         epochs=history.epochs,
         best_validation_loss=history.best_validation_loss,
         ess_fraction=ess,
+        refined=refined,
+        refined_ess_fraction=refined_ess,
+        refine_s=refine_s,
     )
     pairs = (sims.latents["parameters"].reshape(budget, -1), sims.observations["data"])
     return sleep, reweighted, info, (pairs[0], pairs[1].reshape(budget, -1))
@@ -300,6 +318,13 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=10000, help="per C2ST side")
     parser.add_argument("--num-particles", type=int, default=100000, help="importance sampling")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--refine-steps",
+        type=int,
+        default=0,
+        help="also refine the guide on each observation (pyro_rws.refine_guide, RWS wake-phi) "
+        "for this many steps before importance sampling (0: not)",
+    )
     parser.add_argument("--out", default="benchmarks/results/sbibm")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
@@ -331,7 +356,13 @@ def main(argv=None):
                 continue
             print(f"{name} {budget}: pyro_rws", flush=True)
             sleep, reweighted, info, pairs = run_pyro_rws(
-                task, budget, todo, args.num_samples, args.seed, args.num_particles
+                task,
+                budget,
+                todo,
+                args.num_samples,
+                args.seed,
+                args.num_particles,
+                args.refine_steps,
             )
             print(f"{name} {budget}: sbi", flush=True)
             sbi_samples, sbi_info = run_sbi(task, budget, todo, args.num_samples, args.seed, pairs)
@@ -342,8 +373,14 @@ def main(argv=None):
                 if i in reweighted:
                     row["pyro_rws+is"] = c2st_of(task, i, reweighted[i], args.num_samples)
                     row["ess_fraction"] = info["ess_fraction"][i]
+                if i in info["refined"]:
+                    row["pyro_rws+wake+is"] = c2st_of(task, i, info["refined"][i], args.num_samples)
+                    row["ess_fraction_wake"] = info["refined_ess_fraction"][i]
+                    row["refine_s"] = info["refine_s"][i]
+                    row["refine_steps"] = args.refine_steps
                 row["sbi_info"] = sbi_info
-                row["pyro_rws_info"] = {k: v for k, v in info.items() if k != "ess_fraction"}
+                per_observation = ("ess_fraction", "refined", "refined_ess_fraction", "refine_s")
+                row["pyro_rws_info"] = {k: v for k, v in info.items() if k not in per_observation}
                 row["num_samples"] = args.num_samples
                 print(json.dumps(row), flush=True)
                 _append(args.out, row, done)
@@ -377,8 +414,9 @@ def report(rows, out):
         "contenders train on the same simulations (pyro_rws's wall time includes simulating).",
         "",
         "| task | budget | obs. | sbi NPE | pyro_rws | pyro_rws + IS | ESS/K | "
+        "pyro_rws + wake + IS | ESS/K | "
         "epochs sbi / pyro_rws | sbi wall s | pyro_rws wall s | sbi ms/step | pyro_rws ms/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mean = lambda rs, k: statistics.mean(r[k] for r in rs) if all(k in r for r in rs) else None  # noqa: E731
     fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -388,6 +426,7 @@ def report(rows, out):
             f"| {task} | {budget} | {','.join(str(r['observation']) for r in rs)} | "
             f"{fmt(mean(rs, 'sbi'))} | {fmt(mean(rs, 'pyro_rws'))} | "
             f"{fmt(mean(rs, 'pyro_rws+is'))} | {fmt(mean(rs, 'ess_fraction'), 3)} | "
+            f"{fmt(mean(rs, 'pyro_rws+wake+is'))} | {fmt(mean(rs, 'ess_fraction_wake'), 3)} | "
             f"{si['epochs']} / {pi['epochs']} | {si['wall']:.0f} | {pi['wall']:.0f} | "
             f"{1e3 * si['train'] / max(si['steps'], 1):.1f} | "
             f"{1e3 * pi['train'] / max(pi['steps'], 1):.1f} |"
@@ -424,7 +463,13 @@ def _plot(cells, path):
     fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         budgets = sorted(b for t, b in cells if t == task)
-        for key, style in (("sbi", "o-"), ("pyro_rws", "s-"), ("pyro_rws+is", "^-")):
+        styles = (
+            ("sbi", "o-"),
+            ("pyro_rws", "s-"),
+            ("pyro_rws+is", "^-"),
+            ("pyro_rws+wake+is", "d-"),
+        )
+        for key, style in styles:
             pts = [
                 (b, statistics.mean(r[key] for r in cells[(task, b)]))
                 for b in budgets

@@ -7,7 +7,7 @@ from .autoguides.flow import AutoAmortizedFlow  # amortized flow guide (simulati
 from .autoguides.proposal import AutoAmortizedProposal
 from .diagnostics import EffectiveSampleSizeWarning, StepStats
 from .evaluation import log_evidence
-from .fitting import FitHistory, fit_guide  # simulation-based inference
+from .fitting import FitHistory, fit_guide, refine_guide  # simulation-based inference
 from .jit import JitReweightedWakeSleep, JitRWS, JitSleepPhaseLoss, JitVIMCO, JitWakeSleepELBO
 from .memoised import MWS, MemoisedWakeSleep
 from .posterior import ImportancePosterior, importance_posterior
@@ -46,6 +46,7 @@ __all__ = [
     "ImportancePosterior",
     "Simulations",
     "fit_guide",
+    "refine_guide",
     "importance_posterior",
     "simulate",
 ]

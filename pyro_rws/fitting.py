@@ -18,11 +18,14 @@ estimator as :class:`~pyro_rws.SleepPhaseLoss` on the same pairs). An
 ``log_prob``, the same loss without Pyro's effect handlers per step.
 
 The fitted guide's samples are reweighted for an observation by
-:func:`~pyro_rws.importance_posterior` (:mod:`pyro_rws.posterior`).
+:func:`~pyro_rws.importance_posterior` (:mod:`pyro_rws.posterior`); :func:`~pyro_rws.refine_guide`
+first trains a copy of it on that observation by RWS's wake-phi update, for a proposal closer to
+that observation's posterior.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +40,8 @@ from ._args import check_count
 from ._simulate import _bar
 from ._sleep import SleepState, sleep_log_q, sleep_traces
 from ._structure import PARTICLE_PLATE
+from .posterior import condition_on
+from .rws import ReweightedWakeSleep
 from .simulation import Simulations
 
 
@@ -338,3 +343,88 @@ def fit_guide(
     elif not len(val):
         history.best_epoch = history.epochs - 1
     return history
+
+
+def refine_guide(
+    model: Callable,
+    guide: torch.nn.Module,
+    *args,
+    observations: dict | None = None,
+    num_steps: int = 300,
+    num_particles: int = 100,
+    learning_rate: float = 1e-4,
+    clip_max_norm: float | None = 5.0,
+    max_plate_nesting: int | None = None,
+    vectorize_particles: bool = True,
+    progress: bool | None = None,
+    **kwargs,
+) -> torch.nn.Module:
+    r"""
+    A copy of an amortized guide trained further on one observation :math:`x_o` by the wake-phi
+    update of reweighted wake-sleep (:class:`~pyro_rws.RWS` with ``insomnia=1``, the model's
+    likelihood at K of the guide's own proposals per step), to use as the proposal of
+    :func:`~pyro_rws.importance_posterior` for that observation.
+
+    A guide fitted to simulations (:func:`fit_guide`: neural posterior estimation) covers the
+    posterior of every observation the prior predicts, so for a given :math:`x_o` it is often
+    much wider than the posterior, and importance sampling from it needs very many particles
+    (few of them carry weight). The wake-phi gradient, :math:`-\sum_k \bar w_k \nabla_\phi \log
+    q_\phi(z_k | x_o)` with self-normalized weights :math:`\bar w_k \propto p(z_k, x_o) /
+    q_\phi(z_k | x_o)`, moves :math:`q` towards the posterior of :math:`x_o` itself (it
+    minimizes :math:`\mathrm{KL}(p(z | x_o) \,\|\, q_\phi)`, biased for finite K), using the
+    likelihood but no new simulations. The guide passed in is left as it is.
+
+    Example (sbibm's slcp at 10⁴ simulations: the effective sample size of 50,000 particles
+    rose from 95 to 1,282 after 300 steps, and the reweighted C2ST from 0.72 to 0.53; see
+    ``benchmarks/README.md``)::
+
+        guide_o = pyro_rws.refine_guide(model, guide, observations={"data": x_o})
+        posterior = pyro_rws.importance_posterior(
+            model, guide_o, observations={"data": x_o}, num_particles=50_000)
+
+    :param model: the model, with a likelihood (an observed site with a density); conditioned
+        on ``observations``, or on its arguments (``*args``, ``**kwargs``, passed to model and
+        guide) as in :func:`~pyro_rws.importance_posterior`.
+    :param torch.nn.Module guide: an amortized guide whose parameters are its own (e.g.
+        :class:`~pyro_rws.AutoAmortizedFlow`); it is deep-copied and the copy is trained.
+    :param dict observations: ``{site: value}``, the observation.
+    :param int num_steps: gradient steps.
+    :param int num_particles: K, proposals per step (at least 2).
+    :param float learning_rate: Adam's learning rate (small: the guide is already close).
+    :param float clip_max_norm: clip the gradient norm (None: no clipping).
+    :param int max_plate_nesting: nested plates (guessed from one run of the model).
+    :param bool vectorize_particles: as for :class:`~pyro_rws.RWS`.
+    :param bool progress: show a progress bar (default: in a terminal or notebook).
+    :returns: the trained copy of the guide.
+    """
+    if not isinstance(guide, torch.nn.Module):
+        raise TypeError(
+            "refine_guide trains a copy of the guide, so the guide must be a torch.nn.Module "
+            "holding its parameters (e.g. AutoAmortizedFlow); for a guide with pyro.param, run "
+            "SVI(model, guide, optim, loss=RWS(K, insomnia=1.0)) on the observation instead"
+        )
+    num_steps = check_count("num_steps", num_steps, 1)
+    check_count("num_particles", num_particles, 2)
+    refined = copy.deepcopy(guide)
+    params = [p for p in refined.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the guide has no parameters to train")
+    model_o, guide_o, nesting = condition_on(
+        model, refined, observations, args, kwargs, max_plate_nesting
+    )
+    loss = ReweightedWakeSleep(
+        num_particles,
+        insomnia=1.0,
+        max_plate_nesting=nesting,
+        vectorize_particles=vectorize_particles,
+    )
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    with _bar(num_steps, progress, "refine_guide", "step") as bar:
+        for _ in range(num_steps):
+            optimizer.zero_grad()
+            loss.differentiable_loss(model_o, guide_o, *args, **kwargs).backward()
+            if clip_max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+            optimizer.step()
+            bar.update(1)
+    return refined

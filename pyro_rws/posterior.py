@@ -220,6 +220,28 @@ class ImportancePosterior:
         return [{name: value[j] for name, value in out.items()} for j in range(num_samples)]
 
 
+def condition_on(model, guide, observations, args, kwargs, max_plate_nesting=None):
+    """
+    ``(model, guide, max_plate_nesting)`` for one observation, as :func:`importance_posterior`
+    and :func:`~pyro_rws.refine_guide` run them: the model conditioned on ``observations``
+    (``poutine.condition``; None: on its arguments), the guide given them as its
+    ``observations`` keyword if it has one, the plate nesting guessed from one run if not
+    given, and observed batch dims that no plate declares read as event dims
+    (:class:`_FoldBatch`).
+    """
+    if observations is not None:
+        model = poutine.condition(model, data=dict(observations))
+        if accepts_observations(guide):
+            inner = guide
+
+            def guide(*a, **kw):
+                return inner(*a, observations=observations, **kw)
+
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_plate_nesting(model, args, kwargs)
+    return _FoldBatch(max_plate_nesting)(model), guide, max_plate_nesting
+
+
 class _FoldBatch(poutine.messenger.Messenger):
     """
     Observed sites with batch dims right of the particle dim that no plate declares (sbibm's
@@ -315,17 +337,9 @@ def importance_posterior(
     chunk_size = check_count("chunk_size", chunk_size, 1)
     vectorize = bool(vectorize_particles)
     check_guide(guide, sleep=False)
-    if observations is not None:
-        model = poutine.condition(model, data=dict(observations))
-        if accepts_observations(guide):
-            inner = guide
-
-            def guide(*a, **kw):
-                return inner(*a, observations=observations, **kw)
-
-    if max_plate_nesting is None:
-        max_plate_nesting = guess_plate_nesting(model, args, kwargs)
-    model = _FoldBatch(max_plate_nesting)(model)
+    model, guide, max_plate_nesting = condition_on(
+        model, guide, observations, args, kwargs, max_plate_nesting
+    )
     reason = _no_likelihood(model, args, kwargs)
     if reason is not None:
         warnings.warn(
