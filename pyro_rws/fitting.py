@@ -406,9 +406,6 @@ def refine_guide(
     num_steps = check_count("num_steps", num_steps, 1)
     check_count("num_particles", num_particles, 2)
     refined = copy.deepcopy(guide)
-    params = [p for p in refined.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the guide has no parameters to train")
     model_o, guide_o, nesting = condition_on(
         model, refined, observations, args, kwargs, max_plate_nesting
     )
@@ -418,11 +415,24 @@ def refine_guide(
         max_plate_nesting=nesting,
         vectorize_particles=vectorize_particles,
     )
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    params, optimizer = [], None
     with _bar(num_steps, progress, "refine_guide", "step") as bar:
         for _ in range(num_steps):
+            value = loss.differentiable_loss(model_o, guide_o, *args, **kwargs)
+            # a guide may create parameters when it meets a site for the first time
+            # (AutoAmortizedProposal's heads): they join the optimizer as they appear
+            known = {id(p) for p in params}
+            fresh = [p for p in refined.parameters() if p.requires_grad and id(p) not in known]
+            if fresh:
+                params += fresh
+                if optimizer is None:
+                    optimizer = torch.optim.Adam(fresh, lr=learning_rate)
+                else:
+                    optimizer.add_param_group({"params": fresh})
+            if optimizer is None:
+                raise ValueError("the guide has no parameters to train")
             optimizer.zero_grad()
-            loss.differentiable_loss(model_o, guide_o, *args, **kwargs).backward()
+            value.backward()
             if clip_max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
             optimizer.step()

@@ -11,7 +11,7 @@ import torch
 from conjugate import data, fixed_model
 from torch import nn
 
-from pyro_rws import RWS, importance_posterior, refine_guide
+from pyro_rws import RWS, AutoAmortizedProposal, importance_posterior, refine_guide
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -86,3 +86,31 @@ def test_observations_keyword_and_errors():
         refine_guide(fixed_model, lambda x: None, data())
     with pytest.raises(ValueError, match="num_particles"):
         refine_guide(fixed_model, Guide(), data(), num_particles=1)
+
+
+def test_automatic_proposal_and_sequential_particles():
+    # AutoAmortizedProposal creates a head per address when it first meets it: a fresh guide
+    # has no parameters yet, and heads created during refinement are trained with the rest
+    def model(x=None):
+        n = pyro.sample("n", dist.Categorical(torch.ones(3) / 3))
+        total = torch.zeros(())
+        for i in range(int(n) + 1):
+            total = total + pyro.sample(f"z{i}", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(total, 0.5), obs=x)
+
+    x, guide = torch.tensor(1.3), AutoAmortizedProposal(model)
+    options = dict(num_particles=4, vectorize_particles=False, max_plate_nesting=0)
+    pyro.set_rng_seed(0)
+    one = refine_guide(model, guide, x, num_steps=1, **options)
+    pyro.set_rng_seed(0)
+    many = refine_guide(model, guide, x, num_steps=20, **options)
+    assert guide.addresses == [] and not list(guide.parameters())  # left as it was
+    assert set(many.addresses) == {"n", "z0", "z1", "z2"}
+    first = dict(one.named_parameters())
+    later = dict(many.named_parameters())
+    assert first and set(first) <= set(later)
+    # trained further: every parameter with a gradient (the last site's value embedding feeds
+    # no later site and has none)
+    trained = {n: p for n, p in first.items() if p.grad is not None}
+    assert len(trained) >= len(first) - 2
+    assert all(not torch.equal(later[n], p) for n, p in trained.items())
