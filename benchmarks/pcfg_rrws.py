@@ -317,13 +317,18 @@ def plot(args) -> None:
         labels += [f"{LABEL[e]} (last row)" for e in ests]
         fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
         fig.suptitle(f"PCFG (astronomers), batch 2\n{ylabel}", fontsize=10)
-        path = OUT.parent / f"pcfg_{metric}.png"
+        path = OUT.parent / f"pcfg_{metric}{_suffix(args.iterations)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         print(f"saved {path}")
     text = table(records)
-    (OUT.parent / "pcfg_rrws.md").write_text(text + "\n")
+    (OUT.parent / f"pcfg_rrws{_suffix(args.iterations)}.md").write_text(text + "\n")
     print(text)
+
+
+def _suffix(iterations) -> str:
+    """The runs of 400 iterations keep the plain names; other lengths get their own files."""
+    return "" if iterations in (None, 400) else f"_i{iterations}"
 
 
 def timing(args) -> None:
