@@ -419,16 +419,16 @@ def refine_guide(
         max_plate_nesting=nesting,
         vectorize_particles=vectorize_particles,
     )
-    params, optimizer = [], None
+    params, seen, optimizer = [], set(), None
     with _bar(num_steps, progress, "refine_guide", "step") as bar:
         for _ in range(num_steps):
             value = loss.differentiable_loss(model_o, guide_o, *args, **kwargs)
             # a guide may create parameters when it meets a site for the first time
             # (AutoAmortizedProposal's heads): they join the optimizer as they appear
-            known = {id(p) for p in params}
-            fresh = [p for p in refined.parameters() if p.requires_grad and id(p) not in known]
+            fresh = [p for p in refined.parameters() if p.requires_grad and id(p) not in seen]
             if fresh:
                 params += fresh
+                seen.update(id(p) for p in fresh)
                 if optimizer is None:
                     optimizer = torch.optim.Adam(fresh, lr=learning_rate)
                 else:
