@@ -436,7 +436,7 @@ def refine_guide(
             if optimizer is None:
                 raise ValueError("the guide has no parameters to train")
             optimizer.zero_grad()
-            value.backward()
+            value.backward(inputs=params)  # the guide's only: no wake-theta on model params
             if clip_max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
             optimizer.step()

@@ -114,3 +114,17 @@ def test_automatic_proposal_and_sequential_particles():
     trained = {n: p for n, p in first.items() if p.grad is not None}
     assert len(trained) >= len(first) - 2
     assert all(not torch.equal(later[n], p) for n, p in trained.items())
+
+
+def test_model_parameters_get_no_gradient():
+    # RWS's loss also carries the wake-theta gradient of a model with parameters: refine_guide
+    # trains the guide only and leaves no gradient behind on the model's parameters
+    def model(x):
+        loc = pyro.param("loc", torch.tensor(0.3))
+        with pyro.plate("data", x.shape[-1]):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    pyro.clear_param_store()
+    refine_guide(model, Guide(), data(), num_steps=3, num_particles=4, max_plate_nesting=1)
+    assert pyro.param("loc").unconstrained().grad is None
