@@ -351,7 +351,7 @@ def refine_guide(
     *args,
     observations: dict | None = None,
     num_steps: int = 300,
-    num_particles: int = 100,
+    num_particles: int | None = None,
     learning_rate: float = 1e-4,
     clip_max_norm: float | None = 5.0,
     max_plate_nesting: int | None = None,
@@ -393,7 +393,9 @@ def refine_guide(
         :class:`~pyro_rws.AutoAmortizedFlow`); it is deep-copied and the copy is trained.
     :param dict observations: ``{site: value}``, the observation.
     :param int num_steps: gradient steps.
-    :param int num_particles: K, proposals per step (at least 2).
+    :param int num_particles: K, proposals per step (at least 2); default 1,000 with vectorized
+        particles (on slcp 1,000 did much better than 100 at twice the time per step, and
+        5,000 no better), 100 with ``vectorize_particles=False`` (one program run each).
     :param float learning_rate: Adam's learning rate (small: the guide is already close).
     :param float clip_max_norm: clip the gradient norm (None: no clipping).
     :param int max_plate_nesting: nested plates (guessed from one run of the model).
@@ -408,6 +410,8 @@ def refine_guide(
             "SVI(model, guide, optim, loss=RWS(K, insomnia=1.0)) on the observation instead"
         )
     num_steps = check_count("num_steps", num_steps, 1)
+    if num_particles is None:
+        num_particles = 1000 if vectorize_particles else 100
     check_count("num_particles", num_particles, 2)
     refined = copy.deepcopy(guide)
     model_o, guide_o, nesting = condition_on(

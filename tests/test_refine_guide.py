@@ -74,6 +74,28 @@ def test_moves_the_guide_to_the_posterior_of_the_observation():
     assert bool((after.effective_sample_size > 0.8 * 2000).all())
 
 
+@pytest.mark.parametrize("vectorize_particles, expected", [(True, 1000), (False, 100)])
+def test_default_num_particles(vectorize_particles, expected):
+    # 1,000 proposals per step when vectorized, 100 when each is one program run
+    def refined(**options):
+        pyro.set_rng_seed(3)
+        guide = refine_guide(
+            fixed_model,
+            Guide(),
+            data(),
+            num_steps=1,
+            vectorize_particles=vectorize_particles,
+            max_plate_nesting=1,
+            **options,
+        )
+        return guide.state_dict()
+
+    default, explicit = refined(), refined(num_particles=expected)
+    assert all(torch.equal(default[name], explicit[name]) for name in default)
+    other = refined(num_particles=expected // 2)
+    assert not all(torch.equal(default[name], other[name]) for name in default)
+
+
 def test_observations_keyword_and_errors():
     def model(x=None):
         with pyro.plate("data", 4):
