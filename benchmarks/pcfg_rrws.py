@@ -18,7 +18,9 @@ resumes). rrws runs through its own ``train.train_wake_wake`` / ``train_wake_sle
 grammar, as the paper plots) called from a callback every ``--eval-every`` iterations.
 Estimators: rws = RWS(K, insomnia=1) vs rrws ``ww``; ws-le = RWS(K, insomnia=0,
 num_sleep_particles=K) vs rrws ``ws``; vimco = VIMCO(K) vs rrws ``vimco``; ws = WakeSleepELBO
-(pyro_rws only); reinforce = VIMCO(K, baseline=None) vs rrws ``reinforce``.
+(pyro_rws only); reinforce = VIMCO(K, baseline=None) vs rrws ``reinforce``; vimco-logk (rrws
+only) = rrws's ``vimco`` with the ``- log K`` of its bound restored in its leave-one-out
+baseline (see ``check``), to tell whether that difference explains the two VIMCO curves.
 
 ``check`` compares the gradients of one step of pyro_rws's RWS, VIMCO and REINFORCE with rrws's
 wake-theta / wake-phi, VIMCO and REINFORCE losses on the same particles (exact up to float32
@@ -46,13 +48,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "pcfg"
-RRWS_MODE = {"rws": "ww", "ws-le": "ws", "vimco": "vimco", "reinforce": "reinforce"}
+RRWS_MODE = {
+    "rws": "ww",
+    "ws-le": "ws",
+    "vimco": "vimco",
+    "reinforce": "reinforce",
+    "vimco-logk": "vimco",
+}
+RRWS_ONLY = {"vimco-logk"}  # rrws's code with a change, to explain a difference
 LABEL = {
     "rws": "RWS wake-wake",
     "ws-le": "wake-sleep (RWS insomnia 0)",
     "ws": "WakeSleepELBO",
     "vimco": "VIMCO",
     "reinforce": "REINFORCE (IWAE)",
+    "vimco-logk": "VIMCO, rrws with -log K restored in its baseline",
 }
 
 
@@ -82,6 +92,8 @@ def run_rrws(path, estimator, k, seed, iterations, eval_every, batch_size=2):
         clock["last"] = time.perf_counter()
 
     mode = RRWS_MODE[estimator]
+    if estimator == "vimco-logk":
+        rrws_train.losses.get_vimco_loss = _vimco_loss_with_log_k(rrws_train.losses)
     clock["last"] = time.perf_counter()
     if mode == "ww":
         rrws_train.train_wake_wake(gen, inf, true, batch_size, iterations, k, callback)
@@ -90,6 +102,28 @@ def run_rrws(path, estimator, k, seed, iterations, eval_every, batch_size=2):
     else:
         rrws_train.train_iwae(mode, gen, inf, true, batch_size, iterations, k, callback)
     return curves, 1000 * clock["total"] / iterations
+
+
+def _vimco_loss_with_log_k(rrws_losses):
+    """rrws's ``get_vimco_loss`` with the ``- log K`` of its bound restored in the baseline."""
+
+    def get_vimco_loss(generative_model, inference_network, obss, num_particles=1):
+        k = num_particles
+        lw, lq = rrws_losses.get_log_weight_and_log_q(generative_model, inference_network, obss, k)
+        return _vimco_with_log_k(lw, lq, k)
+
+    return get_vimco_loss
+
+
+def _vimco_with_log_k(lw, lq, k):
+    """(loss, bound) of VIMCO from rrws's [batch, K] log-weights and log-q's, -log K restored."""
+    bound = torch.logsumexp(lw, 1) - math.log(k)
+    signal = 0
+    for i in range(k):
+        others = lw[:, [j for j in range(k) if j != i]]
+        cv = torch.logsumexp(torch.cat([others, others.mean(1, keepdim=True)], 1), 1)
+        signal = signal + (bound - cv + math.log(k)).detach() * lq[:, i]
+    return -bound.mean() - signal.mean(), bound.mean()
 
 
 def run_ours(estimator, k, seed, iterations, eval_every, batch_size=2):
@@ -143,7 +177,7 @@ def run(args) -> None:
         for k in args.particles:
             for est in args.estimators:
                 for impl in ("rrws", "pyro_rws"):
-                    if impl == "rrws" and est == "ws":
+                    if (impl == "rrws" and est == "ws") or (impl != "rrws" and est in RRWS_ONLY):
                         continue
                     out = OUT / f"{impl}_{est}_K{k}_s{seed}_i{args.iterations}.json"
                     if out.exists() or out.with_suffix(".running").exists():
@@ -261,7 +295,8 @@ def plot(args) -> None:
         sys.exit(f"no runs with {args.iterations} iterations in {OUT}")
     ests = [e for e in LABEL if any(r["estimator"] == e for r in records)]
     ks = sorted({r["k"] for r in records})
-    styles = dict(zip(ests, ["-", "--", ":", "-."], strict=False))
+    dashes = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+    styles = dict(zip(ests, dashes, strict=False))
     for metric, ylabel in METRICS.items():
         fig, axes = plt.subplots(
             len(ests) + 1,
@@ -287,6 +322,7 @@ def plot(args) -> None:
                 {r["seed"] for r in records if (r["estimator"], r["k"], r["impl"]) == (e, k, i)}
                 for e in ests
                 for i in COLORS
+                if e not in RRWS_ONLY  # an explanatory variant does not narrow the others
             ]
             common = set.intersection(*[g for g in groups if g]) if any(groups) else set()
             for est in ests:
@@ -495,14 +531,8 @@ def check(args) -> None:
                 # loss with the -log K restored:
                 order = iter(trees)
                 lw, lq = rrws_losses.get_log_weight_and_log_q(gen, inf, words, k)
-                bound = torch.logsumexp(lw, 1) - math.log(k)
-                signal = 0
-                for i in range(k):
-                    others = lw[:, [j for j in range(k) if j != i]]
-                    cv = torch.logsumexp(torch.cat([others, others.mean(1, keepdim=True)], 1), 1)
-                    signal = signal + (bound - cv + math.log(k)).detach() * lq[:, i]
                 fixed = torch.autograd.grad(
-                    -bound.mean() - signal.mean(),
+                    _vimco_with_log_k(lw, lq, k)[0],
                     [*gen.parameters(), *inf.parameters()],
                     allow_unused=True,
                 )
