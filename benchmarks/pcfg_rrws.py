@@ -62,7 +62,7 @@ LABEL = {
     "ws": "WakeSleepELBO",
     "vimco": "VIMCO",
     "reinforce": "REINFORCE (IWAE)",
-    "vimco-logk": "VIMCO, rrws with -log K restored in its baseline",
+    "vimco-logk": "VIMCO, rrws, -log K restored",
 }
 
 
