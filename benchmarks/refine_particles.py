@@ -34,23 +34,20 @@ def main(argv=None):
 
     import pyro
     import sbibm
-    from sbibm_c2st import c2st_of, task_model
+    from sbibm_c2st import c2st_of, fit_pyro_rws, task_model
 
     import pyro_rws
 
     torch.set_num_threads(1)
     task = sbibm.get_task("slcp")
     model, _ = task_model(task)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    sims = pyro_rws.simulate(model, 10000, observed=("data",), seed=args.seed, progress=False)
-    guide = pyro_rws.AutoAmortizedFlow(model)
-    guide.standardize(sims)
-    pyro_rws.fit_guide(model, guide, sims, seed=args.seed, progress=False)
+    _, guide, _, _ = fit_pyro_rws(model, 10000, args.seed)
     n = args.num_samples
     for variant in args.variants.split(","):
-        fields = variant.split(":") + ["1e-4", "50000"][len(variant.split(":")) - 2 :]
-        k, steps, lr, particles = int(fields[0]), int(fields[1]), float(fields[2]), int(fields[3])
+        k, steps, *rest = variant.split(":")
+        k, steps = int(k), int(steps)
+        lr = float(rest[0]) if rest else 1e-4
+        particles = int(rest[1]) if len(rest) > 1 else 50000
         for i in args.observations:
             x_o = task.unflatten_data(task.get_observation(i))
             pyro.set_rng_seed(args.seed * 100 + i)

@@ -193,22 +193,29 @@ def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     return samples, info
 
 
-def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles, refine_steps=0):
+def fit_pyro_rws(model, budget, seed):
+    """``(simulations, guide, history, train seconds)``: ``budget`` simulations of ``model`` and
+    an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` (its defaults, sbi's)."""
     import pyro
 
     import pyro_rws
-    from pyro_rws import AutoAmortizedFlow
 
-    model, has_likelihood = task_model(task)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    start = time.perf_counter()
     sims = pyro_rws.simulate(model, budget, observed=("data",), seed=seed, progress=False)
-    guide = AutoAmortizedFlow(model)
+    guide = pyro_rws.AutoAmortizedFlow(model)
     guide.standardize(sims)
-    t_train = time.perf_counter()
+    start = time.perf_counter()
     history = pyro_rws.fit_guide(model, guide, sims, seed=seed, progress=False)
-    train_time = time.perf_counter() - t_train
+    return sims, guide, history, time.perf_counter() - start
+
+
+def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles, refine_steps=0):
+    import pyro_rws
+
+    model, has_likelihood = task_model(task)
+    start = time.perf_counter()
+    sims, guide, history, train_time = fit_pyro_rws(model, budget, seed)
     wall = time.perf_counter() - start
     sleep, reweighted, ess, refined, refined_ess, refine_s = {}, {}, {}, {}, {}, {}
     for i in observations:
