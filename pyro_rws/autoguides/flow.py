@@ -40,12 +40,12 @@ the MAF paper (Papamakarios et al., 2017), rather than being drawn at random: tw
 the same order compose into one, so random orders would make the flow's capacity a matter of
 the seed. Each layer's network has the masks of ``sbi``'s MADE (every hidden unit reads the
 first variable of the order; Pyro's leaves a share of them reading the context alone: half in
-two dimensions) and a linear skip connection (:func:`_made`). On sbibm's gaussian_mixture,
-whose posterior mixes a wide and a narrow Gaussian, with random orders and Pyro's masks the
-guide stopped at a single-Gaussian plateau on every seed (C2ST 0.73); with both changes it
-escaped on every seed tried (``benchmarks/README.md``, section 12). A scalar site uses a
-conditional rational-quadratic spline followed by a conditional affine map, both one pass
-either way.
+two dimensions) and a skip connection linear in the context (:func:`_made`). On sbibm's
+gaussian_mixture, whose posterior mixes a wide and a narrow Gaussian, with random orders and
+Pyro's masks the guide stopped at a single-Gaussian plateau on every seed (C2ST 0.73); with
+both changes it escaped on every seed tried (``benchmarks/README.md``, section 12). A scalar
+site uses a conditional rational-quadratic spline followed by a conditional affine map, both
+one pass either way.
 
 **Data plates.** All latents must lie in the same plates (the *datapoint* plates, possibly
 none); each observed site must lie in them too. Every observation is cut into datapoints by
@@ -110,15 +110,17 @@ def _made(
     dim: int, context_dim: int, hidden: list[int], order: torch.Tensor
 ) -> ConditionalAutoRegressiveNN:
     """The conditioner of one MAF layer: Pyro's ``ConditionalAutoRegressiveNN`` (tanh) with
-    the masks of ``sbi``'s MADE (nflows) and a linear skip connection.
+    the masks of ``sbi``'s MADE (nflows) and a skip connection from the context.
 
     Pyro gives the hidden units degrees spread evenly over ``0 .. D-1``, a unit of degree ``k``
     reading the context and the first ``k`` variables of the order; units of degree 0 read the
     context alone. With ``D = 2`` that is half of every layer, so only 25 of 50 units can make
     the second variable's shift and scale depend on the first. Here, as in nflows' MADE, the
     degrees cycle through ``1 .. D-1`` and every unit reads the context; the first variable's
-    shift and log-scale then get the context through the skip connection (linear in the
-    context and in the variables before each output, as masked as the rest)."""
+    shift and log-scale then get the context through a skip connection linear in the context
+    alone. (Linear in the variables as well, as Pyro's skip connection is, the shift would
+    grow without bound in them, and the tails compound over the layers: on gaussian_mixture a
+    sample landed at a bound of the box, weighted as the whole importance sample.)"""
     net = ConditionalAutoRegressiveNN(
         dim, context_dim, hidden, nonlinearity=nn.Tanh(), permutation=order, skip_connections=True
     )
@@ -133,7 +135,7 @@ def _made(
     with torch.no_grad():
         for layer, mask in zip(net.layers, masks, strict=True):
             layer.mask.copy_(mask)
-        net.skip_layer.mask.copy_(outputs[:, None] > inputs)
+        net.skip_layer.mask.copy_((inputs == 0).expand(len(outputs), -1))  # the context
     return net
 
 
