@@ -40,7 +40,7 @@ the MAF paper (Papamakarios et al., 2017), rather than being drawn at random: tw
 the same order compose into one, so random orders would make the flow's capacity a matter of
 the seed. Each layer's network has the masks of ``sbi``'s MADE (every hidden unit reads the
 first variable of the order; Pyro's leaves a share of them reading the context alone: half in
-two dimensions) and a skip connection linear in the context (:func:`_made`). On sbibm's
+two dimensions) and a skip connection linear in the context (``_made``). On sbibm's
 gaussian_mixture, whose posterior mixes a wide and a narrow Gaussian, with random orders and
 Pyro's masks the guide stopped at a single-Gaussian plateau on every seed (C2ST 0.73); with
 both changes it escaped on every seed tried (``benchmarks/README.md``, section 12). A scalar
