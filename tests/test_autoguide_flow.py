@@ -99,11 +99,16 @@ def test_log_prob_is_change_of_variables_1d():
         assert mass == pytest.approx(1.0, abs=2e-3)
 
 
+@pytest.mark.parametrize("masks", ["pyro", "made"])
 @pytest.mark.parametrize("bijection", ["soft_edge", "sigmoid"])
-def test_log_prob_normalized_2d_box(bijection):
+def test_log_prob_normalized_2d_box(bijection, masks):
     prior = dist.Uniform(torch.zeros(2), torch.ones(2)).to_event(1)
     guide = AutoAmortizedFlow(
-        simulator(prior), num_transforms=2, hidden_dims=[16], interval_bijection=bijection
+        simulator(prior),
+        num_transforms=2,
+        hidden_dims=[16],
+        interval_bijection=bijection,
+        masks=masks,
     )
     xo = {"x": torch.tensor([0.3])}
     guide(observations=xo)
@@ -304,14 +309,17 @@ def test_layer_orders_alternate():
         assert orders == [[0, 1, 2], [2, 1, 0], [0, 1, 2], [2, 1, 0]]
 
 
-def test_layer_conditioners_are_autoregressive():
+@pytest.mark.parametrize("masks", ["pyro", "made"])
+def test_layer_conditioners_are_autoregressive(masks):
     # each MAF layer's shift and log-scale of the variable at position p of its order depend
     # on the variables before p only, and on the context (every one of them, the first too)
     def model():
         theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
         return pyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
 
-    guide = AutoAmortizedFlow(model, observed=["x"], num_transforms=2, hidden_dims=[7, 5])
+    guide = AutoAmortizedFlow(
+        model, observed=["x"], num_transforms=2, hidden_dims=[7, 5], masks=masks
+    )
     guide(observations={"x": torch.randn(2, 3)})
     context = guide._context({"x": torch.randn(3)}, {})
     for layer in guide.flow("theta").layers:
@@ -324,6 +332,8 @@ def test_layer_conditioners_are_autoregressive():
         reads = d_theta.ne(0).any(0)  # reads[i, j]: output of variable i depends on variable j
         assert torch.equal(reads, position[None, :] < position[:, None])
         assert bool(d_context.ne(0).any(-1).all())
+    with pytest.raises(ValueError, match="masks must be one of"):
+        AutoAmortizedFlow(model, masks="nflows")
 
 
 def test_iid_repeats_without_plate_sbibm_style():

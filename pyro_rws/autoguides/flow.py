@@ -38,14 +38,13 @@ whose ``log_prob`` is one network pass per layer (sampling takes :math:`D` passe
 in ``sbi``'s MAF). The layers' autoregressive orders alternate, natural and reversed, as in
 the MAF paper (Papamakarios et al., 2017), rather than being drawn at random: two layers with
 the same order compose into one, so random orders would make the flow's capacity a matter of
-the seed. Each layer's network has the masks of ``sbi``'s MADE (every hidden unit reads the
-first variable of the order; Pyro's leaves a share of them reading the context alone: half in
-two dimensions) and a skip connection linear in the context (``_made``). On sbibm's
-gaussian_mixture, whose posterior mixes a wide and a narrow Gaussian, with random orders and
-Pyro's masks the guide stopped at a single-Gaussian plateau on every seed (C2ST 0.73); with
-both changes it escaped on every seed tried (``benchmarks/README.md``, section 12). A scalar
-site uses a conditional rational-quadratic spline followed by a conditional affine map, both
-one pass either way.
+the seed (on sbibm's gaussian_mixture, whose posterior mixes a wide and a narrow Gaussian,
+random orders left the guide at a single-Gaussian plateau on all five seeds tried). Each
+layer's network has Pyro's masks, or with ``masks="made"`` those of ``sbi``'s MADE (every
+hidden unit reads the first variable of the order; Pyro's leaves a share of them reading the
+context alone: half in two dimensions) and a skip connection linear in the context
+(``_made``). A scalar site uses a conditional rational-quadratic spline followed by a
+conditional affine map, both one pass either way.
 
 **Data plates.** All latents must lie in the same plates (the *datapoint* plates, possibly
 none); each observed site must lie in them too. Every observation is cut into datapoints by
@@ -106,6 +105,20 @@ def _alternating_order(dim: int, layer: int) -> torch.Tensor:
     return order.flip(0) if layer % 2 else order
 
 
+#: The conditioners' masks :class:`AutoAmortizedFlow` can build (its ``masks=``).
+MASKS = ("pyro", "made")
+
+
+def _conditioner(
+    dim: int, context_dim: int, hidden: list[int], order: torch.Tensor, masks: str
+) -> ConditionalAutoRegressiveNN:
+    if masks == "made":
+        return _made(dim, context_dim, hidden, order)
+    return ConditionalAutoRegressiveNN(
+        dim, context_dim, hidden, nonlinearity=nn.Tanh(), permutation=order
+    )
+
+
 def _made(
     dim: int, context_dim: int, hidden: list[int], order: torch.Tensor
 ) -> ConditionalAutoRegressiveNN:
@@ -149,6 +162,7 @@ class _SiteFlow(nn.Module):
         num_transforms: int,
         hidden_dims: list[int],
         log_scale_clip: tuple[float, float] = (-8.0, 8.0),
+        masks: str = "pyro",
     ):
         super().__init__()
         hidden = list(hidden_dims)
@@ -165,7 +179,7 @@ class _SiteFlow(nn.Module):
         else:
             self.layers = nn.ModuleList(
                 ConditionalAffineAutoregressive(
-                    _made(dim, context_dim, hidden, _alternating_order(dim, i)),
+                    _conditioner(dim, context_dim, hidden, _alternating_order(dim, i), masks),
                     log_scale_min_clip=log_scale_clip[0],
                     log_scale_max_clip=log_scale_clip[1],
                 )
@@ -251,6 +265,14 @@ class AutoAmortizedFlow(AutoGuide):
         (Pyro's ``biject_to``: the flow learns the logit, which distorts posteriors near a
         bound; on two moons with 10³ simulations C2ST 0.94 against 0.69). Other supports use
         ``biject_to`` either way.
+    :param str masks: the masks of each MAF layer's network: ``"pyro"`` (default), Pyro's
+        ``ConditionalAutoRegressiveNN``, whose hidden units of degree 0 read the context alone
+        (half of them in two dimensions), or ``"made"``, those of ``sbi``'s MADE, where every
+        unit reads the first variable of the order (see :mod:`pyro_rws.autoguides.flow`).
+        ``"made"`` lets a posterior that mixes a wide and a narrow component escape a
+        single-Gaussian plateau (sbibm gaussian_mixture, 10⁴ simulations: C2ST 0.644 over five
+        seeds against 0.71 with ``"pyro"`` and sbi's 0.688) but was worse on seed 0 of every
+        other task run (two moons, gaussian_linear, slcp; ``benchmarks/README.md``, section 12).
     :param observed: names of sites to treat as observations even where the model samples them
         (a model called without data); by default, the sites the model observes.
     """
@@ -270,9 +292,12 @@ class AutoAmortizedFlow(AutoGuide):
         hidden_dims: Sequence[int] = (50, 50, 50),
         log_scale_clip: tuple[float, float] = (-8.0, 8.0),
         interval_bijection: str = "soft_edge",
+        masks: str = "pyro",
         observed: Sequence[str] | None = None,
     ):
         hidden_dims = list(hidden_dims)
+        if masks not in MASKS:
+            raise ValueError(f"masks must be one of {MASKS}, got {masks!r}")
         sizes = [("num_transforms", num_transforms)] + [("hidden_dims", h) for h in hidden_dims]
         for key, value in sizes:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -294,7 +319,10 @@ class AutoAmortizedFlow(AutoGuide):
                 f"log_scale_clip must be (low, high) with low < high, got {log_scale_clip}"
             )
         self._options = dict(
-            num_transforms=num_transforms, hidden_dims=hidden_dims, log_scale_clip=(low, high)
+            num_transforms=num_transforms,
+            hidden_dims=hidden_dims,
+            log_scale_clip=(low, high),
+            masks=masks,
         )
         self._embedding_net = embedding_net
         self._observed = set(observed or ())
