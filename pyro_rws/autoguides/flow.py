@@ -112,18 +112,22 @@ MASKS = ("pyro", "made")
 def _conditioner(
     dim: int, context_dim: int, hidden: list[int], order: torch.Tensor, masks: str
 ) -> ConditionalAutoRegressiveNN:
-    if masks == "made":
-        return _made(dim, context_dim, hidden, order)
-    return ConditionalAutoRegressiveNN(
-        dim, context_dim, hidden, nonlinearity=nn.Tanh(), permutation=order
+    """The network of one MAF layer: Pyro's ``ConditionalAutoRegressiveNN`` (tanh) in the
+    given order, with ``masks="made"`` given sbi's masks and a skip connection (``_made``)."""
+    made = masks == "made"
+    net = ConditionalAutoRegressiveNN(
+        dim, context_dim, hidden, nonlinearity=nn.Tanh(), permutation=order, skip_connections=made
     )
+    if made:
+        _made(net, context_dim, hidden, order)
+    return net
 
 
 def _made(
-    dim: int, context_dim: int, hidden: list[int], order: torch.Tensor
-) -> ConditionalAutoRegressiveNN:
-    """The conditioner of one MAF layer: Pyro's ``ConditionalAutoRegressiveNN`` (tanh) with
-    the masks of ``sbi``'s MADE (nflows) and a skip connection from the context.
+    net: ConditionalAutoRegressiveNN, context_dim: int, hidden: list[int], order: torch.Tensor
+) -> None:
+    """Give ``net`` (built with ``skip_connections=True``) the masks of ``sbi``'s MADE
+    (nflows) and a skip connection from the context, in place.
 
     Pyro gives the hidden units degrees spread evenly over ``0 .. D-1``, a unit of degree ``k``
     reading the context and the first ``k`` variables of the order; units of degree 0 read the
@@ -134,9 +138,7 @@ def _made(
     alone. (Linear in the variables as well, as Pyro's skip connection is, the shift would
     grow without bound in them, and the tails compound over the layers: on gaussian_mixture a
     sample landed at a bound of the box, weighted as the whole importance sample.)"""
-    net = ConditionalAutoRegressiveNN(
-        dim, context_dim, hidden, nonlinearity=nn.Tanh(), permutation=order, skip_connections=True
-    )
+    dim = len(order)
     position = torch.empty(dim)
     position[order] = torch.arange(dim, dtype=position.dtype)  # 1 + position: variable's degree
     inputs = torch.cat([torch.zeros(context_dim), 1 + position])
@@ -149,7 +151,6 @@ def _made(
         for layer, mask in zip(net.layers, masks, strict=True):
             layer.mask.copy_(mask)
         net.skip_layer.mask.copy_((inputs == 0).expand(len(outputs), -1))  # the context
-    return net
 
 
 class _SiteFlow(nn.Module):
