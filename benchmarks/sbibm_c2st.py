@@ -490,29 +490,31 @@ def _plot(cells, path):
 
     tasks = sorted({t for t, _ in cells})
     fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
+    legend = {}  # one entry per contender, from whichever panel has it
     for ax, task in zip(axes[0], tasks, strict=True):
         budgets = sorted(b for t, b in cells if t == task)
         styles = (
-            ("sbi", "o-"),
-            ("pyro_rws", "s-"),
-            ("pyro_rws+is", "^-"),
-            ("pyro_rws+wake+is", "d-"),
+            ("sbi", "o-", "C0"),
+            ("pyro_rws", "s-", "C1"),
+            ("pyro_rws+is", "^-", "C2"),
+            ("pyro_rws+wake+is", "d-", "C3"),
         )
-        for key, style in styles:
+        for key, style, color in styles:
             pts = [
                 (b, statistics.mean(r[key] for r in cells[(task, b)]))
                 for b in budgets
                 if all(key in r for r in cells[(task, b)])
             ]
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=key)
+                (line,) = ax.plot(*zip(*pts, strict=True), style, color=color, label=key)
+                legend.setdefault(key, line)
         ax.set_xscale("log")
         ax.set_ylim(0.45, 1.02)
         ax.axhline(0.5, color="gray", lw=0.5)
         ax.set_title(task, fontsize=9)
         ax.set_xlabel("simulations")
     axes[0][0].set_ylabel("C2ST")
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(legend.values(), legend.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
