@@ -490,15 +490,15 @@ def _plot(cells, path):
 
     tasks = sorted({t for t, _ in cells})
     fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
+    styles = (  # contender: marker and line, one colour in every panel
+        ("sbi", "o-", "C0"),
+        ("pyro_rws", "s-", "C1"),
+        ("pyro_rws+is", "^-", "C2"),
+        ("pyro_rws+wake+is", "d-", "C3"),
+    )
     legend = {}  # one entry per contender, from whichever panel has it
     for ax, task in zip(axes[0], tasks, strict=True):
         budgets = sorted(b for t, b in cells if t == task)
-        styles = (
-            ("sbi", "o-", "C0"),
-            ("pyro_rws", "s-", "C1"),
-            ("pyro_rws+is", "^-", "C2"),
-            ("pyro_rws+wake+is", "d-", "C3"),
-        )
         for key, style, color in styles:
             pts = [
                 (b, statistics.mean(r[key] for r in cells[(task, b)]))
@@ -506,7 +506,7 @@ def _plot(cells, path):
                 if all(key in r for r in cells[(task, b)])
             ]
             if pts:
-                (line,) = ax.plot(*zip(*pts, strict=True), style, color=color, label=key)
+                (line,) = ax.plot(*zip(*pts, strict=True), style, color=color)
                 legend.setdefault(key, line)
         ax.set_xscale("log")
         ax.set_ylim(0.45, 1.02)
