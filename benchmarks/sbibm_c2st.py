@@ -14,9 +14,11 @@ observation:
 - ``pyro_rws``: ``pyro_rws.simulate`` + ``AutoAmortizedFlow`` (default size, matched to sbi's
   MAF) + ``fit_guide`` (the same defaults as sbi's), posterior samples from the guide;
 - ``pyro_rws+is``: the same guide as the proposal of ``pyro_rws.importance_posterior`` on the
-  model with its likelihood (only tasks whose model has one: sbibm's own Pyro model for
-  gaussian_linear, gaussian_linear_uniform and slcp, the mixture's marginal likelihood for
-  gaussian_mixture and the exact density of the two-moons simulator, written below);
+  model with its likelihood (sbibm's own Pyro model for gaussian_linear,
+  gaussian_linear_uniform and slcp; written below: the mixture's marginal likelihood for
+  gaussian_mixture, the exact density of the two-moons simulator, and for bernoulli_glm the
+  likelihood of the spike train, which its summary statistics determine, so that the weights
+  are exact up to a constant);
 - ``pyro_rws+wake+is`` (with ``--refine-steps N``): for each observation a copy of the same
   guide trained further on it by ``pyro_rws.refine_guide`` (N steps of RWS wake-phi, 100
   particles, lr 1e-4: the likelihood at the guide's proposals, no new simulations), then
@@ -101,6 +103,44 @@ def two_moons_distribution():
     return TwoMoons
 
 
+def bernoulli_glm_distribution(task):
+    """sbibm's Bernoulli GLM as a distribution of its summary statistics ``T = Xᵀy`` (spike count
+    and spike-triggered sums, ``X`` the 100 × 10 design matrix, ``y`` the spike train).
+
+    ``sample`` is sbibm's own simulator (the same random stream as calling it directly);
+    ``log_prob`` is ``θ·T − Σᵢ softplus(Xᵢ·θ)``, the likelihood of any spike train with these
+    statistics. The density of ``T`` itself is that times the number of spike trains sharing them,
+    a constant in ``θ``: self-normalized importance weights, hence the reweighted posterior, are
+    exact, while ``log_evidence`` is off by that (unknown) constant.
+    """
+    import pyro.distributions as dist
+
+    simulator = task.get_simulator()
+    design = torch.load(task.path / "files" / "design_matrix.pt")
+
+    class SufficientGLM(dist.TorchDistribution):
+        arg_constraints = {}
+        support = dist.constraints.real_vector
+
+        def __init__(self, theta, validate_args=None):
+            self.theta = theta
+            super().__init__(theta.shape[:-1], (design.shape[1],), validate_args=validate_args)
+
+        def expand(self, batch_shape, _instance=None):
+            return SufficientGLM(self.theta.expand(tuple(batch_shape) + self.theta.shape[-1:]))
+
+        def sample(self, sample_shape=()):
+            theta = self.theta.expand(sample_shape + self.theta.shape)
+            t = simulator(theta.reshape(-1, theta.shape[-1]).float())  # sbibm's code: float32
+            return t.reshape(theta.shape[:-1] + self.event_shape).to(theta)
+
+        def log_prob(self, t):
+            psi = self.theta @ design.to(self.theta).T  # (..., 100) logits of the spikes
+            return (self.theta * t).sum(-1) - torch.nn.functional.softplus(psi).sum(-1)
+
+    return SufficientGLM
+
+
 def task_model(task):
     """``(model(data=None), has_likelihood)`` for an sbibm task (data site ``"data"``)."""
     import pyro
@@ -153,13 +193,14 @@ def task_model(task):
             return pyro.sample("data", TwoMoons(theta), obs=data)
 
         return model, True
-    simulator = task.get_simulator()
+    if name == "bernoulli_glm":
+        GLM = bernoulli_glm_distribution(task)
 
-    def model(data=None):  # bernoulli_glm: summary statistics, no likelihood
-        theta = prior()
-        return pyro.deterministic("data", simulator(theta), event_dim=1)
+        def model(data=None):
+            return pyro.sample("data", GLM(prior()), obs=data)
 
-    return model, False
+        return model, True
+    raise ValueError(f"no Pyro model for sbibm task {name!r}; choose from {TASKS}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +234,7 @@ def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     return samples, info
 
 
-def fit_pyro_rws(model, budget, seed):
+def fit_pyro_rws(model, budget, seed, masks="pyro"):
     """``(simulations, guide, history, train seconds)``: ``budget`` simulations of ``model`` and
     an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` (its defaults, sbi's)."""
     import pyro
@@ -203,19 +244,21 @@ def fit_pyro_rws(model, budget, seed):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     sims = pyro_rws.simulate(model, budget, observed=("data",), seed=seed, progress=False)
-    guide = pyro_rws.AutoAmortizedFlow(model)
+    guide = pyro_rws.AutoAmortizedFlow(model, masks=masks)
     guide.standardize(sims)
     start = time.perf_counter()
     history = pyro_rws.fit_guide(model, guide, sims, seed=seed, progress=False)
     return sims, guide, history, time.perf_counter() - start
 
 
-def run_pyro_rws(task, budget, observations, num_samples, seed, num_particles, refine_steps=0):
+def run_pyro_rws(
+    task, budget, observations, num_samples, seed, num_particles, refine_steps=0, masks="pyro"
+):
     import pyro_rws
 
     model, has_likelihood = task_model(task)
     start = time.perf_counter()
-    sims, guide, history, train_time = fit_pyro_rws(model, budget, seed)
+    sims, guide, history, train_time = fit_pyro_rws(model, budget, seed, masks)
     wall = time.perf_counter() - start
     sleep, reweighted, ess, refined, refined_ess, refine_s = {}, {}, {}, {}, {}, {}
     for i in observations:
@@ -333,6 +376,12 @@ def main(argv=None):
         "for this many steps before importance sampling (0: not)",
     )
     parser.add_argument(
+        "--masks",
+        default="pyro",
+        choices=("pyro", "made"),
+        help="the conditioners' masks of pyro_rws's flow (AutoAmortizedFlow's masks=)",
+    )
+    parser.add_argument(
         "--sbi-from",
         default=None,
         help="a results stem of an earlier run with the same --seed: take sbi's C2ST from its "
@@ -377,6 +426,7 @@ def main(argv=None):
                 args.seed,
                 args.num_particles,
                 args.refine_steps,
+                args.masks,
             )
             earlier = {
                 r["observation"]: r
