@@ -40,7 +40,7 @@ def main(argv=None):
 
     torch.set_num_threads(1)
     task = sbibm.get_task("slcp")
-    model, _ = task_model(task)
+    model = task_model(task)
     _, guide, _, _ = fit_pyro_rws(model, 10000, args.seed)
     n = args.num_samples
     for variant in args.variants.split(","):

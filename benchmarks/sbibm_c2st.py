@@ -47,6 +47,7 @@ import os
 import statistics
 import time
 
+import pyro.distributions as dist
 import torch
 
 TASKS = (
@@ -62,27 +63,35 @@ TASKS = (
 # --------------------------------------------------------------------------------------------
 # The tasks as Pyro models
 # --------------------------------------------------------------------------------------------
+class _ScoredSimulator(dist.TorchDistribution):
+    """A simulator with a density, as a distribution given its parameters ``theta`` (..., d):
+    one data vector of ``event_size`` values (``d`` if None) per parameter vector. Subclasses
+    write ``sample`` (the simulator) and ``log_prob`` (its likelihood)."""
+
+    arg_constraints = {}
+    support = dist.constraints.real_vector
+    event_size: int | None = None
+
+    def __init__(self, theta, validate_args=None):
+        self.theta = theta
+        size = self.event_size or theta.shape[-1]
+        super().__init__(theta.shape[:-1], (size,), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return type(self)(self.theta.expand(tuple(batch_shape) + self.theta.shape[-1:]))
+
+
 def two_moons_distribution():
     """The two-moons simulator as a distribution with its exact density (sbibm's simulator)."""
-    import pyro.distributions as dist
-    from torch.distributions import constraints
 
-    class TwoMoons(dist.TorchDistribution):
-        arg_constraints = {}
-        support = constraints.real_vector
-
-        def __init__(self, theta, validate_args=None):
-            self.theta = theta
-            super().__init__(theta.shape[:-1], (2,), validate_args=validate_args)
+    class TwoMoons(_ScoredSimulator):
+        event_size = 2
 
         def _shift(self):
             c = s = math.sqrt(0.5)  # cos and sin of -pi/4, up to the sign of s
             z0 = c * self.theta[..., 0] + s * self.theta[..., 1]
             z1 = -s * self.theta[..., 0] + c * self.theta[..., 1]
             return torch.stack([-z0.abs(), z1], -1)
-
-        def expand(self, batch_shape, _instance=None):
-            return TwoMoons(self.theta.expand(tuple(batch_shape) + (2,)))
 
         def sample(self, sample_shape=()):
             shape = self._extended_shape(sample_shape)[:-1]
@@ -113,21 +122,11 @@ def bernoulli_glm_distribution(task):
     a constant in ``θ``: self-normalized importance weights, hence the reweighted posterior, are
     exact, while ``log_evidence`` is off by that (unknown) constant.
     """
-    import pyro.distributions as dist
-
     simulator = task.get_simulator()
     design = torch.load(task.path / "files" / "design_matrix.pt")
 
-    class SufficientGLM(dist.TorchDistribution):
-        arg_constraints = {}
-        support = dist.constraints.real_vector
-
-        def __init__(self, theta, validate_args=None):
-            self.theta = theta
-            super().__init__(theta.shape[:-1], (design.shape[1],), validate_args=validate_args)
-
-        def expand(self, batch_shape, _instance=None):
-            return SufficientGLM(self.theta.expand(tuple(batch_shape) + self.theta.shape[-1:]))
+    class SufficientGLM(_ScoredSimulator):
+        event_size = design.shape[1]
 
         def sample(self, sample_shape=()):
             theta = self.theta.expand(sample_shape + self.theta.shape)
@@ -142,9 +141,8 @@ def bernoulli_glm_distribution(task):
 
 
 def task_model(task):
-    """``(model(data=None), has_likelihood)`` for an sbibm task (data site ``"data"``)."""
+    """``model(data=None)`` for an sbibm task, its data site ``"data"`` with a likelihood."""
     import pyro
-    import pyro.distributions as dist
 
     name = task.name
     prior = task.get_prior()
@@ -154,22 +152,12 @@ def task_model(task):
         def model():  # sbibm's own prior and simulator, as they are
             return simulator(prior())
 
-        return model, True
+        return model
     if name == "gaussian_mixture":
         p = task.simulator_params
         w, f, s = p["mixture_weights"], p["mixture_locs_factor"], p["mixture_scales"]
 
-        class Mixture(dist.TorchDistribution):  # sbibm's simulator, mixture index summed out
-            arg_constraints = {}
-            support = dist.constraints.real_vector
-
-            def __init__(self, theta, validate_args=None):
-                self.theta = theta
-                super().__init__(theta.shape[:-1], theta.shape[-1:], validate_args=validate_args)
-
-            def expand(self, batch_shape, _instance=None):
-                return Mixture(self.theta.expand(tuple(batch_shape) + self.event_shape))
-
+        class Mixture(_ScoredSimulator):  # sbibm's simulator, mixture index summed out
             def sample(self, sample_shape=()):
                 theta = self.theta.expand(self._extended_shape(sample_shape))
                 k = torch.multinomial(w, theta[..., 0].numel(), replacement=True)
@@ -184,7 +172,7 @@ def task_model(task):
         def model(data=None):
             return pyro.sample("data", Mixture(prior()), obs=data)
 
-        return model, True
+        return model
     if name == "two_moons":
         TwoMoons = two_moons_distribution()
 
@@ -192,14 +180,14 @@ def task_model(task):
             theta = prior()
             return pyro.sample("data", TwoMoons(theta), obs=data)
 
-        return model, True
+        return model
     if name == "bernoulli_glm":
         GLM = bernoulli_glm_distribution(task)
 
         def model(data=None):
             return pyro.sample("data", GLM(prior()), obs=data)
 
-        return model, True
+        return model
     raise ValueError(f"no Pyro model for sbibm task {name!r}; choose from {TASKS}")
 
 
@@ -256,33 +244,32 @@ def run_pyro_rws(
 ):
     import pyro_rws
 
-    model, has_likelihood = task_model(task)
+    model = task_model(task)
     start = time.perf_counter()
     sims, guide, history, train_time = fit_pyro_rws(model, budget, seed, masks)
     wall = time.perf_counter() - start
     sleep, reweighted, ess, refined, refined_ess, refine_s = {}, {}, {}, {}, {}, {}
+
+    def reweight(proposal, x_o):  # resampled importance draws and ESS / K on observation x_o
+        post = pyro_rws.importance_posterior(
+            model, proposal, observations={"data": x_o}, num_particles=num_particles
+        )
+        draws = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
+        return draws, float(post.effective_sample_size.reshape(-1)[0]) / num_particles
+
     for i in observations:
         x_o = task.unflatten_data(task.get_observation(i))  # sbibm's data shape, (1, ...)
         with torch.no_grad():
             x = x_o.expand((num_samples,) + x_o.shape[1:])
             sleep[i] = guide(observations={"data": x})["parameters"].reshape(num_samples, -1)
-        if has_likelihood:
-            post = pyro_rws.importance_posterior(
-                model, guide, observations={"data": x_o}, num_particles=num_particles
-            )
-            reweighted[i] = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
-            ess[i] = float(post.effective_sample_size.reshape(-1)[0]) / num_particles
-        if has_likelihood and refine_steps:  # wake-phi on x_o, then importance sampling
+        reweighted[i], ess[i] = reweight(guide, x_o)
+        if refine_steps:  # wake-phi on x_o, then importance sampling
             t = time.perf_counter()
             guide_o = pyro_rws.refine_guide(
                 model, guide, observations={"data": x_o}, num_steps=refine_steps, progress=False
             )
             refine_s[i] = time.perf_counter() - t
-            post = pyro_rws.importance_posterior(
-                model, guide_o, observations={"data": x_o}, num_particles=num_particles
-            )
-            refined[i] = post.sample(num_samples)["parameters"].reshape(num_samples, -1)
-            refined_ess[i] = float(post.effective_sample_size.reshape(-1)[0]) / num_particles
+            refined[i], refined_ess[i] = reweight(guide_o, x_o)
     info = dict(
         wall=wall,
         train=train_time,
@@ -307,7 +294,7 @@ def step_ratio(task, rounds=5, steps=10):
     from pyro_rws.autoguides.embedding import datapoints
 
     pyro.enable_validation(False)
-    model, _ = task_model(task)
+    model = task_model(task)
     theta = task.get_prior()(num_samples=1000)
     x = task.get_simulator()(theta)
     net = build_maf(theta, x)
