@@ -493,6 +493,53 @@ def test_fit_guide_stops_early_and_restores_the_best_parameters():
         assert torch.equal(v.detach(), kept[k]), k
 
 
+def test_fit_guide_lr_decays_go_on_from_the_best_parameters():
+    x = data()
+    sims = simulate(fixed_model, 100, x, seed=0)
+    common = dict(learning_rate=3.0, stop_after_epochs=3, batch_size=10, seed=1, progress=False)
+    plain = fit_guide(fixed_model, guide, sims, x, **common)
+    pyro.clear_param_store()
+    decayed = fit_guide(fixed_model, guide, sims, x, num_lr_decays=2, lr_decay_factor=0.1, **common)
+    # up to the first stall it is the run without decays; then stages at 0.3 and 0.03
+    first, second = decayed.decay_epochs
+    assert first == plain.epochs - 1 and plain.decay_epochs == []
+    assert decayed.validation_loss[: first + 1] == plain.validation_loss
+    stages = [3.0] * (first + 1) + [0.3] * (second - first)
+    stages += [0.03] * (decayed.epochs - len(stages))
+    assert decayed.learning_rate == pytest.approx(stages)
+    assert decayed.converged and decayed.best_validation_loss <= plain.best_validation_loss
+    assert decayed.validation_loss[decayed.best_epoch] == decayed.best_validation_loss
+    assert decayed.best_validation_loss == min(decayed.validation_loss)
+    # a stage starts from the best parameters so far, not the last ones: with a vanishing
+    # learning rate after the decay, the next epoch's validation loss is the best one's
+    pyro.clear_param_store()
+    frozen = fit_guide(  # (it improves by ~1e-12 an epoch from there on: max_epochs)
+        fixed_model,
+        guide,
+        sims,
+        x,
+        num_lr_decays=1,
+        lr_decay_factor=1e-12,
+        max_epochs=plain.epochs + 1,
+        **common,
+    )
+    (first,) = frozen.decay_epochs
+    best_so_far = min(frozen.validation_loss[: first + 1])
+    assert frozen.validation_loss[first] > best_so_far
+    assert frozen.validation_loss[first + 1] == pytest.approx(best_so_far, rel=1e-8)
+
+
+def test_fit_guide_lr_decay_errors():
+    x = data()
+    sims = simulate(fixed_model, 20, x, seed=0)
+    with pytest.raises(ValueError, match="num_lr_decays needs a validation part"):
+        fit_guide(fixed_model, guide, sims, x, validation_fraction=0.0, num_lr_decays=1)
+    with pytest.raises(ValueError, match="lr_decay_factor must lie in"):
+        fit_guide(fixed_model, guide, sims, x, num_lr_decays=1, lr_decay_factor=1.0)
+    with pytest.raises(ValueError, match="num_lr_decays must be at least 0"):
+        fit_guide(fixed_model, guide, sims, x, num_lr_decays=-1)
+
+
 def test_fit_guide_module_guide_on_sbibm_gaussian_linear():
     model = sbibm_model(gaussian_linear)
     sims = simulate(model, 300, observed=("data",), seed=0)
