@@ -222,9 +222,10 @@ def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     return samples, info
 
 
-def fit_pyro_rws(model, budget, seed, masks="pyro"):
+def fit_pyro_rws(model, budget, seed, masks="pyro", lr_decays=0):
     """``(simulations, guide, history, train seconds)``: ``budget`` simulations of ``model`` and
-    an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` (its defaults, sbi's)."""
+    an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` (its defaults, sbi's, but for
+    ``num_lr_decays=lr_decays``)."""
     import pyro
 
     import pyro_rws
@@ -235,18 +236,28 @@ def fit_pyro_rws(model, budget, seed, masks="pyro"):
     guide = pyro_rws.AutoAmortizedFlow(model, masks=masks)
     guide.standardize(sims)
     start = time.perf_counter()
-    history = pyro_rws.fit_guide(model, guide, sims, seed=seed, progress=False)
+    history = pyro_rws.fit_guide(
+        model, guide, sims, seed=seed, progress=False, num_lr_decays=lr_decays
+    )
     return sims, guide, history, time.perf_counter() - start
 
 
 def run_pyro_rws(
-    task, budget, observations, num_samples, seed, num_particles, refine_steps=0, masks="pyro"
+    task,
+    budget,
+    observations,
+    num_samples,
+    seed,
+    num_particles,
+    refine_steps=0,
+    masks="pyro",
+    lr_decays=0,
 ):
     import pyro_rws
 
     model = task_model(task)
     start = time.perf_counter()
-    sims, guide, history, train_time = fit_pyro_rws(model, budget, seed, masks)
+    sims, guide, history, train_time = fit_pyro_rws(model, budget, seed, masks, lr_decays)
     wall = time.perf_counter() - start
     sleep, reweighted, ess, refined, refined_ess, refine_s = {}, {}, {}, {}, {}, {}
 
@@ -276,6 +287,7 @@ def run_pyro_rws(
         steps=history.num_steps,
         epochs=history.epochs,
         best_validation_loss=history.best_validation_loss,
+        decay_epochs=history.decay_epochs,
         ess_fraction=ess,
         refined=refined,
         refined_ess_fraction=refined_ess,
@@ -369,6 +381,13 @@ def main(argv=None):
         help="the conditioners' masks of pyro_rws's flow (AutoAmortizedFlow's masks=)",
     )
     parser.add_argument(
+        "--lr-decays",
+        type=int,
+        default=0,
+        help="fit pyro_rws's guide with this many learning-rate decays (fit_guide's "
+        "num_lr_decays=; 0: sbi's schedule)",
+    )
+    parser.add_argument(
         "--sbi-from",
         default=None,
         help="a results stem of an earlier run with the same --seed: take sbi's C2ST from its "
@@ -414,6 +433,7 @@ def main(argv=None):
                 args.num_particles,
                 args.refine_steps,
                 args.masks,
+                args.lr_decays,
             )
             earlier = {
                 r["observation"]: r
@@ -444,6 +464,8 @@ def main(argv=None):
                     row["ess_fraction_wake"] = info["refined_ess_fraction"][i]
                     row["refine_s"] = info["refine_s"][i]
                     row["refine_steps"] = args.refine_steps
+                if args.lr_decays:
+                    row["lr_decays"] = args.lr_decays
                 row["sbi_info"] = sbi_info
                 per_observation = ("ess_fraction", "refined", "refined_ess_fraction", "refine_s")
                 row["pyro_rws_info"] = {k: v for k, v in info.items() if k not in per_observation}

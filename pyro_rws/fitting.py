@@ -244,8 +244,8 @@ def fit_guide(
     goes on instead from the best parameters with the learning rate times
     ``lr_decay_factor`` (and a fresh Adam). At a constant learning rate the minibatch noise
     of the last epochs limits how closely the guide fits: on sbibm's bernoulli_glm with 10⁵
-    simulations two decays took the best validation loss from 1.953 to 1.895 nats (``sbi``'s
-    1.936), at about twice the epochs (``benchmarks/README.md``, section 12).
+    simulations two decays took the best validation loss from 1.953 to 1.889 nats (``sbi``'s
+    1.936), at three times the epochs (323 against 107; ``benchmarks/README.md``, section 12).
 
     The guide is called as the sleep phase calls it (see
     :func:`~pyro_rws.fitting.sleep_loss`), with the arguments the model was simulated with
