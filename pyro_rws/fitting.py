@@ -36,7 +36,7 @@ import torch
 from pyro.distributions import ImproperUniform, constraints
 from pyro.poutine.runtime import _PYRO_STACK
 
-from ._args import check_count
+from ._args import check_count, check_fraction
 from ._simulate import _bar
 from ._sleep import SleepState, sleep_log_q, sleep_traces
 from ._structure import PARTICLE_PLATE
@@ -274,7 +274,7 @@ def fit_guide(
     """
     batch_size = check_count("batch_size", batch_size, 1)
     num_lr_decays = check_count("num_lr_decays", num_lr_decays, 0)
-    if not 0 < lr_decay_factor < 1:
+    if not 0 < check_fraction("lr_decay_factor", lr_decay_factor) < 1:
         raise ValueError(f"lr_decay_factor must lie in (0, 1), got {lr_decay_factor!r}")
     if not args and not kwargs:
         args, kwargs = simulations.args, simulations.kwargs
