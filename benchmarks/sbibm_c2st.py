@@ -222,10 +222,10 @@ def run_sbi(task, budget, observations, num_samples, seed, simulations=None):
     return samples, info
 
 
-def fit_pyro_rws(model, budget, seed, masks="pyro", lr_decays=0):
+def fit_pyro_rws(model, budget, seed, masks="pyro", lr_decays=None):
     """``(simulations, guide, history, train seconds)``: ``budget`` simulations of ``model`` and
-    an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` (its defaults, sbi's, but for
-    ``num_lr_decays=lr_decays``)."""
+    an ``AutoAmortizedFlow`` fitted to them by ``fit_guide`` with its defaults (sbi's, but for
+    two learning-rate decays), or ``num_lr_decays=lr_decays`` where given."""
     import pyro
 
     import pyro_rws
@@ -251,7 +251,7 @@ def run_pyro_rws(
     num_particles,
     refine_steps=0,
     masks="pyro",
-    lr_decays=0,
+    lr_decays=None,
 ):
     import pyro_rws
 
@@ -383,9 +383,9 @@ def main(argv=None):
     parser.add_argument(
         "--lr-decays",
         type=int,
-        default=0,
+        default=None,
         help="fit pyro_rws's guide with this many learning-rate decays (fit_guide's "
-        "num_lr_decays=; 0: sbi's schedule)",
+        "num_lr_decays=; default: fit_guide's, 2; 0: sbi's schedule)",
     )
     parser.add_argument(
         "--sbi-from",
@@ -464,8 +464,7 @@ def main(argv=None):
                     row["ess_fraction_wake"] = info["refined_ess_fraction"][i]
                     row["refine_s"] = info["refine_s"][i]
                     row["refine_steps"] = args.refine_steps
-                if args.lr_decays:
-                    row["lr_decays"] = args.lr_decays
+                row["lr_decays"] = 2 if args.lr_decays is None else args.lr_decays
                 row["sbi_info"] = sbi_info
                 per_observation = ("ess_fraction", "refined", "refined_ess_fraction", "refine_s")
                 row["pyro_rws_info"] = {k: v for k, v in info.items() if k not in per_observation}

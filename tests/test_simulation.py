@@ -457,10 +457,21 @@ def test_fit_guide_stops_early_and_restores_the_best_parameters():
     x = data()
     sims = simulate(fixed_model, 100, x, seed=0)
     # with lr 0 the validation loss never improves on the first epoch's
-    still = fit_guide(
+    common = dict(num_lr_decays=0, seed=0, progress=False)  # sbi's schedule
+    still = fit_guide(fixed_model, guide, sims, x, learning_rate=0.0, stop_after_epochs=3, **common)
+    assert still.converged and still.epochs == 4 and still.best_epoch == 0
+    # by default two decays (of a learning rate of 0) go on after the first two stalls
+    pyro.clear_param_store()
+    default = fit_guide(
         fixed_model, guide, sims, x, learning_rate=0.0, stop_after_epochs=3, seed=0, progress=False
     )
-    assert still.converged and still.epochs == 4 and still.best_epoch == 0
+    assert default.decay_epochs == [3, 6] and default.epochs == 10 and default.best_epoch == 0
+    # and none without a validation part (max_epochs then)
+    pyro.clear_param_store()
+    unvalidated = fit_guide(
+        fixed_model, guide, sims, x, validation_fraction=0.0, max_epochs=5, seed=0, progress=False
+    )
+    assert unvalidated.decay_epochs == [] and unvalidated.epochs == 5
     # a learning rate that overshoots: the best epoch is restored, as a shorter run leaves it
     pyro.clear_param_store()
     long = fit_guide(
@@ -472,6 +483,7 @@ def test_fit_guide_stops_early_and_restores_the_best_parameters():
         stop_after_epochs=4,
         batch_size=10,
         seed=1,
+        num_lr_decays=0,
         progress=False,
     )
     kept = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
@@ -497,7 +509,7 @@ def test_fit_guide_lr_decays_go_on_from_the_best_parameters():
     x = data()
     sims = simulate(fixed_model, 100, x, seed=0)
     common = dict(learning_rate=3.0, stop_after_epochs=3, batch_size=10, seed=1, progress=False)
-    plain = fit_guide(fixed_model, guide, sims, x, **common)
+    plain = fit_guide(fixed_model, guide, sims, x, num_lr_decays=0, **common)
     pyro.clear_param_store()
     decayed = fit_guide(fixed_model, guide, sims, x, num_lr_decays=2, lr_decay_factor=0.1, **common)
     # up to the first stall it is the run without decays; then stages at 0.3 and 0.03
