@@ -385,7 +385,7 @@ def main(argv=None):
         type=int,
         default=None,
         help="fit pyro_rws's guide with this many learning-rate decays (fit_guide's "
-        "num_lr_decays=; default: fit_guide's, 2; 0: sbi's schedule)",
+        "num_lr_decays=; default: fit_guide's; 0: sbi's schedule)",
     )
     parser.add_argument(
         "--sbi-from",
@@ -400,6 +400,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     import pyro
     import sbibm
+
+    from pyro_rws.fitting import DEFAULT_NUM_LR_DECAYS
 
     pyro.enable_validation(False)
     done = _load(args.out)
@@ -464,7 +466,9 @@ def main(argv=None):
                     row["ess_fraction_wake"] = info["refined_ess_fraction"][i]
                     row["refine_s"] = info["refine_s"][i]
                     row["refine_steps"] = args.refine_steps
-                row["lr_decays"] = 2 if args.lr_decays is None else args.lr_decays
+                row["lr_decays"] = (
+                    DEFAULT_NUM_LR_DECAYS if args.lr_decays is None else args.lr_decays
+                )
                 row["sbi_info"] = sbi_info
                 per_observation = ("ess_fraction", "refined", "refined_ess_fraction", "refine_s")
                 row["pyro_rws_info"] = {k: v for k, v in info.items() if k not in per_observation}

@@ -215,6 +215,9 @@ def _direct(guide, simulations: Simulations, fantasy_args) -> bool:
     )
 
 
+DEFAULT_NUM_LR_DECAYS = 2  # fit_guide's, where there is a validation part
+
+
 def fit_guide(
     model: Callable,
     guide: Callable,
@@ -280,8 +283,6 @@ def fit_guide(
     :rtype: FitHistory
     """
     batch_size = check_count("batch_size", batch_size, 1)
-    if num_lr_decays is not None:
-        num_lr_decays = check_count("num_lr_decays", num_lr_decays, 0)
     if not 0 < check_fraction("lr_decay_factor", lr_decay_factor) < 1:
         raise ValueError(f"lr_decay_factor must lie in (0, 1), got {lr_decay_factor!r}")
     if not args and not kwargs:
@@ -297,7 +298,8 @@ def fit_guide(
             f"validation_fraction={validation_fraction}"
         )
     if num_lr_decays is None:
-        num_lr_decays = 2 if len(val) else 0
+        num_lr_decays = DEFAULT_NUM_LR_DECAYS if len(val) else 0
+    num_lr_decays = check_count("num_lr_decays", num_lr_decays, 0)
     if num_lr_decays and not len(val):
         raise ValueError(
             "num_lr_decays needs a validation part to tell when the loss stalls: "
@@ -368,6 +370,13 @@ def fit_guide(
             else:
                 since_best += 1
                 if since_best >= stop_after_epochs:
+                    if best is None:
+                        raise ValueError(
+                            f"the validation loss was not finite in any of the first "
+                            f"{history.epochs} epochs ({history.validation_loss[-1]}): the "
+                            "guide's log_prob is nan or inf on the validation simulations "
+                            "(check its parameters and learning_rate)"
+                        )
                     if len(history.decay_epochs) == num_lr_decays:
                         history.converged = True
                         break

@@ -552,6 +552,28 @@ def test_fit_guide_lr_decay_errors():
         fit_guide(fixed_model, guide, sims, x, num_lr_decays=-1)
 
 
+@pytest.mark.parametrize("num_lr_decays", [0, None])
+def test_fit_guide_never_finite_validation_loss_is_an_error(num_lr_decays):
+    # a guide whose log_prob is nan from the start: no best parameters to keep or go on from
+    x = data()
+    sims = simulate(fixed_model, 20, x, seed=0)
+    pyro.param("a", torch.tensor(math.nan, dtype=x.dtype))
+    with pyro.validation_enabled(False):
+        with pytest.raises(
+            ValueError, match="validation loss was not finite in any of the first 2"
+        ):
+            fit_guide(
+                fixed_model,
+                guide,
+                sims,
+                x,
+                stop_after_epochs=2,
+                num_lr_decays=num_lr_decays,
+                seed=0,
+                progress=False,
+            )
+
+
 def test_fit_guide_module_guide_on_sbibm_gaussian_linear():
     model = sbibm_model(gaussian_linear)
     sims = simulate(model, 300, observed=("data",), seed=0)
